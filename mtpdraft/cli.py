@@ -1,0 +1,109 @@
+"""Command line: `mtpdraft generate | models` (bench, serve and train join as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from .registry import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help="bundled name, local HF directory or .gguf file")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--drafter", default="auto", help="auto | none | ngram | PATH to a drafter directory")
+    p.add_argument("--draft-len", type=int, default=None, help="tokens drafted per cycle (default 4)")
+    p.add_argument("--adaptive", action="store_true", help="adapt the draft length to observed acceptance")
+
+
+def _spec_from(args):
+    from .config import SpecParams
+
+    return SpecParams(**({"draft_len": args.draft_len} if args.draft_len else {}), adaptive=args.adaptive)
+
+
+def cmd_generate(args) -> int:
+    from . import load
+    from .config import SamplingParams, Stats
+    from .decoding.engine import eos_ids_of, generate
+    from .decoding.stops import StopChecker
+    from .drafters import make_drafter
+
+    sp = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
+    spec = _spec_from(args)
+    t0 = time.perf_counter()
+    model, tok = load(args.model, args.dtype)
+    drafter = make_drafter(args.drafter, model, model.name)
+    load_s = time.perf_counter() - t0
+    ids = tok(args.prompt).input_ids
+    stats = Stats()
+    stopper = StopChecker(sp, eos_ids_of(model, tok), tok)
+    printed = 0
+    # a stop string may be streaming in: hold back what could be its start
+    holdback = max((len(s) for s in sp.stop), default=1) - 1
+    for _ in generate(model, ids, sp, drafter=drafter, spec=spec, tokenizer=tok, stats=stats, stopper=stopper):
+        if not args.json:
+            text = tok.decode(stopper.ids, skip_special_tokens=True)
+            safe = len(text) - holdback
+            if safe > printed and not text[:safe].endswith("\ufffd"):  # not half a UTF-8 character
+                sys.stdout.write(text[printed:safe])
+                sys.stdout.flush()
+                printed = safe
+    text = stopper.text()
+    if args.json:
+        d = stats.as_dict()
+        d.update(text=text, token_ids=stopper.ids, num_tokens=len(stopper.ids), model=model.name,
+                 drafter=args.drafter, dtype=args.dtype, finish_reason=stopper.reason, load_s=round(load_s, 3))
+        print(json.dumps(d))
+    else:
+        sys.stdout.write(text[printed:] + "\n")
+        print(f"[{len(stopper.ids)} tokens, {stats.tokens_per_s:.1f} tok/s decode, "
+              f"{stats.mean_accepted_tokens:.2f} tokens/cycle, drafter={args.drafter}]", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .drafters import shipped_drafter_dir
+    from .registry import BUNDLED, DEFAULT_MODEL, converted_dir, is_converted
+
+    for name, b in BUNDLED.items():
+        state = f"converted ({converted_dir(name)})" if is_converted(name) else "not converted yet"
+        drafter = "shipped drafter" if shipped_drafter_dir(name) else "no shipped drafter"
+        default = " [default]" if name == DEFAULT_MODEL else ""
+        print(f"{name}{default}: {b.description}; {state}; {drafter}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mtpdraft", description="Lossless speculative decoding with MTP drafters")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    g.add_argument("prompt")
+    _add_model_args(g)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    g.set_defaults(func=cmd_generate)
+    m = sub.add_parser("models", help="list bundled models")
+    m.set_defaults(func=cmd_models)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mtpdraft: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Settings, validated on construction. Defaults live here and nowhere else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop)
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(slots=True)
+class SpecParams:
+    """Draft length policy. adaptive: grow k after a fully accepted draft, shrink it
+    to what was accepted otherwise (within 1..draft_len); the MTP drafter also stops
+    a draft early when its own top probability falls below `min_confidence`."""
+
+    draft_len: int = 4
+    adaptive: bool = False
+    min_confidence: float = 0.0
+
+    def __post_init__(self):
+        if not 1 <= self.draft_len <= 32:
+            raise ValueError(f"draft_len must be in 1..32, got {self.draft_len}")
+        if not 0 <= self.min_confidence < 1:
+            raise ValueError(f"min_confidence must be in [0, 1), got {self.min_confidence}")
+
+
+@dataclass(slots=True)
+class Stats:
+    """Per-call statistics. tau counts the target's own token: tokens / cycles."""
+
+    prompt_tokens: int = 0
+    tokens: int = 0  # all generated tokens (the first comes from the prefill)
+    decode_tokens: int = 0  # tokens emitted by draft/verify cycles
+    cycles: int = 0
+    proposed_by_pos: list[int] = field(default_factory=list)
+    accepted_by_pos: list[int] = field(default_factory=list)
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    decode_s: float = 0.0
+
+    def record(self, proposed: int, accepted: int) -> None:
+        for i in range(proposed):
+            if i >= len(self.proposed_by_pos):
+                self.proposed_by_pos.append(0)
+                self.accepted_by_pos.append(0)
+            self.proposed_by_pos[i] += 1
+            self.accepted_by_pos[i] += i < accepted
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        return self.decode_tokens / self.cycles if self.cycles else 0.0
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        return [a / p for a, p in zip(self.accepted_by_pos, self.proposed_by_pos)]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens, "num_tokens": self.tokens, "cycles": self.cycles,
+            "mean_accepted_tokens": round(self.mean_accepted_tokens, 4),
+            "acceptance_by_position": [round(a, 4) for a in self.acceptance_by_position],
+            "proposed_by_position": list(self.proposed_by_pos),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "prefill_s": round(self.prefill_s, 4), "draft_s": round(self.draft_s, 4),
+            "verify_s": round(self.verify_s, 4), "decode_s": round(self.decode_s, 4),
+        }

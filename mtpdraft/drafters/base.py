@@ -1,0 +1,46 @@
+"""The one interface every drafter implements; the loop never asks which it has."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ..cache import KVCache
+from ..models.base import CausalLM
+
+
+@dataclass
+class DraftContext:
+    """What a drafter may read at the start of a round.
+
+    tokens: every committed token (prompt + generated); the last one, tokens[-1],
+      has been chosen but not yet run through the target.
+    hidden: [D] the target's final hidden state at the last verified position
+      (the one whose logits chose tokens[-1]).
+    cache/row: the target's KV cache; positions < cache.lengths[row] are verified.
+    """
+
+    tokens: list[int]
+    hidden: torch.Tensor
+    target: CausalLM
+    cache: KVCache
+    row: int = 0
+
+
+@dataclass
+class Draft:
+    tokens: list[int]
+    probs: torch.Tensor | None = None  # [len(tokens), V] or None = argmax (point mass)
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    def propose(self, ctx: DraftContext, k: int) -> Draft:
+        """Up to k tokens that should follow ctx.tokens (may return fewer, even none)."""
+        ...
+
+    def observe(self, accepted: int, proposed: int) -> None:
+        """Told after verification how many of the proposed tokens were accepted."""
+        ...

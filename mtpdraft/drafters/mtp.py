@@ -1,0 +1,236 @@
+"""The multi-token-prediction drafter, coupled to its target as Gemma 4's are.
+
+One drafting step reads the last token t and a target-width vector h:
+  x = pre_projection([target.embed(t), h])        # shared input embeddings
+  x = layers(x)   # queries only; K/V are the target's cached ones (last full /
+                  # last sliding layer), at the constant position of the last
+                  # verified token, so the drafter has no cache of its own
+  h' = post_projection(norm(x))                   # fed to the next step
+  logits = head(norm(x))    # dense, or clustered: score C clusters, keep top-k_c,
+                            # compute logits only for their tokens
+Names and shapes follow the gemma4_assistant checkpoint layout.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import kernels
+from ..layers import Linear, RMSNorm, apply_rope, linear
+from ..models.base import CausalLM
+from .base import Draft, DraftContext
+
+
+@dataclass
+class MTPConfig:
+    backbone_hidden_size: int  # D, the target's width
+    vocab_size: int
+    head_dim: int  # the target's head_dim (queries meet the target's keys)
+    num_key_value_heads: int  # the target's
+    hidden_size: int = 256  # d, the drafter's width
+    intermediate_size: int = 1024
+    num_attention_heads: int = 4
+    layer_types: list[str] = field(default_factory=lambda: ["full_attention"])
+    rms_norm_eps: float = 1e-6
+    use_ordered_embeddings: bool = True  # the clustered head
+    num_centroids: int = 2048
+    centroid_intermediate_top_k: int = 32
+    model_type: str = "mtpdraft_mtp"
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of the target's num_key_value_heads")
+        bad = set(self.layer_types) - {"full_attention", "sliding_attention"}
+        if bad:
+            raise ValueError(f"unknown layer types {bad}")
+        if self.use_ordered_embeddings and self.vocab_size % self.num_centroids:
+            raise ValueError(f"vocab_size {self.vocab_size} is not a multiple of num_centroids {self.num_centroids}")
+
+    @classmethod
+    def for_target(cls, target: CausalLM, **kw) -> "MTPConfig":
+        a = target.args
+        kw.setdefault("use_ordered_embeddings", a.vocab_size % kw.get("num_centroids", 2048) == 0)
+        return cls(backbone_hidden_size=a.hidden_size, vocab_size=a.vocab_size, head_dim=a.head_dim,
+                   num_key_value_heads=a.num_key_value_heads, **kw)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_types)
+
+
+class DraftAttention(nn.Module):
+    def __init__(self, c: MTPConfig):
+        super().__init__()
+        self.heads, self.head_dim = c.num_attention_heads, c.head_dim
+        self.q_proj = Linear(c.hidden_size, c.num_attention_heads * c.head_dim)
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, offset=1.0)
+        self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size)
+
+    def forward(self, x, positions, src):
+        """x: [B, 1, d]; positions: [B, 1]; src: the target's Attention module whose
+        cache is read (its rope frequencies, window and scale apply)."""
+        attn, cache = src
+        B = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(B, 1, self.heads, self.head_dim))
+        q = apply_rope(q, positions, attn.inv_freq)
+        out = kernels.attention(q, cache.k, cache.v, positions, window=attn.window, scale=attn.scale)
+        return self.o_proj(out.reshape(B, 1, -1))
+
+
+class DraftLayer(nn.Module):
+    def __init__(self, c: MTPConfig, layer_type: str):
+        super().__init__()
+        self.layer_type = layer_type
+        self.self_attn = DraftAttention(c)
+        self.mlp = nn.Module()
+        self.mlp.gate_proj = Linear(c.hidden_size, c.intermediate_size)
+        self.mlp.up_proj = Linear(c.hidden_size, c.intermediate_size)
+        self.mlp.down_proj = Linear(c.intermediate_size, c.hidden_size)
+        norm = lambda: RMSNorm(c.hidden_size, c.rms_norm_eps, offset=1.0)  # noqa: E731
+        self.input_layernorm, self.post_attention_layernorm = norm(), norm()
+        self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
+
+    def forward(self, x, positions, src):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, src))
+        h = self.pre_feedforward_layernorm(x)
+        m = self.mlp.down_proj(F.gelu(self.mlp.gate_proj(h), approximate="tanh") * self.mlp.up_proj(h))
+        return x + self.post_feedforward_layernorm(m)
+
+
+class MTPDrafter(nn.Module):
+    def __init__(self, config: MTPConfig):
+        super().__init__()
+        c = self.config = config
+        self.pre_projection = Linear(2 * c.backbone_hidden_size, c.hidden_size)
+        self.post_projection = Linear(c.hidden_size, c.backbone_hidden_size)
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList(DraftLayer(c, t) for t in c.layer_types)
+        self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, offset=1.0)
+        self.model.embed_tokens = nn.Module()  # the tied output table, in drafter width
+        self.model.embed_tokens.weight = nn.Parameter(torch.empty(c.vocab_size, c.hidden_size), requires_grad=False)
+        if c.use_ordered_embeddings:
+            self.masked_embedding = nn.Module()
+            self.masked_embedding.centroids = Linear(c.hidden_size, c.num_centroids)
+            self.masked_embedding.register_buffer("token_ordering", torch.arange(c.vocab_size))
+
+    # -- construction, saving, loading ------------------------------------------------
+    @classmethod
+    def random(cls, config: MTPConfig, seed: int = 0, std: float = 0.02) -> "MTPDrafter":
+        d = cls(config)
+        g = torch.Generator().manual_seed(seed)
+        for name, p in d.named_parameters():
+            p.data = torch.zeros_like(p) if p.ndim == 1 else torch.randn(p.shape, generator=g) * std
+        return d
+
+    def save(self, out: str | Path) -> Path:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, out / "model.safetensors")
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "MTPDrafter":
+        path = Path(path)
+        try:
+            cfg = json.loads((path / "config.json").read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} is not a drafter directory (no config.json)") from None
+        if cfg.get("model_type") != "mtpdraft_mtp":
+            raise ValueError(f"{path}: model_type {cfg.get('model_type')!r} is not an mtpdraft MTP drafter")
+        cfg.pop("model_type")
+        d = cls(MTPConfig(**cfg))
+        weights = load_file(str(path / "model.safetensors"))
+        expected = d.state_dict()
+        if set(weights) != set(expected):
+            raise ValueError(f"{path}: malformed drafter checkpoint: missing {sorted(set(expected) - set(weights))[:4]}, "
+                             f"unexpected {sorted(set(weights) - set(expected))[:4]}")
+        for k, w in weights.items():
+            if w.shape != expected[k].shape:
+                raise ValueError(f"{path}: tensor {k} has shape {tuple(w.shape)}, config implies {tuple(expected[k].shape)}")
+        d.load_state_dict(weights)
+        return d.to_dtype(dtype)
+
+    def to_dtype(self, dtype: torch.dtype) -> "MTPDrafter":
+        for p in self.parameters():
+            if p.ndim > 1:
+                p.data = p.data.to(dtype)
+        return self
+
+    def check_target(self, target: CausalLM) -> None:
+        c, a = self.config, target.args
+        for mine, theirs, what in [(c.backbone_hidden_size, a.hidden_size, "hidden size"),
+                                   (c.vocab_size, a.vocab_size, "vocabulary"),
+                                   (c.head_dim, a.head_dim, "head_dim"),
+                                   (c.num_key_value_heads, a.num_key_value_heads, "KV heads")]:
+            if mine != theirs:
+                raise ValueError(f"drafter does not match the target: {what} {mine} != {theirs}")
+
+    # -- one drafting step ---------------------------------------------------------------
+    def sources(self, target: CausalLM, cache) -> list[tuple]:
+        """For each drafter layer, the target layer whose K/V it reads: the last one of its type."""
+        windows = target.layer_windows()
+        last_full = max((i for i, w in enumerate(windows) if w == 0), default=len(windows) - 1)
+        last_slide = max((i for i, w in enumerate(windows) if w > 0), default=last_full)
+        out = []
+        for layer in self.model.layers:
+            i = last_slide if layer.layer_type == "sliding_attention" else last_full
+            out.append((target.model.layers[i].self_attn, cache.layers[i]))
+        return out
+
+    def step(self, target: CausalLM, tokens: torch.Tensor, h: torch.Tensor, positions: torch.Tensor, srcs):
+        """tokens: [B]; h: [B, D]; positions: [B, 1]. Returns (ids [B, M] or None, logits [B, M or V], h' [B, D])."""
+        x = linear(torch.cat([target.embed(tokens[:, None]), h[:, None].float()], -1), self.pre_projection.weight)
+        for layer, src in zip(self.model.layers, srcs):
+            x = layer(x, positions, src)
+        x = self.model.norm(x)[:, 0]  # [B, d]
+        h_next = self.post_projection(x)
+        table = self.model.embed_tokens.weight
+        if not self.config.use_ordered_embeddings:
+            return None, linear(x, table), h_next
+        c = self.config
+        top = self.masked_embedding.centroids(x).topk(c.centroid_intermediate_top_k, dim=-1).indices  # [B, k_c]
+        clusters = self.masked_embedding.token_ordering.view(c.num_centroids, -1)
+        ids = clusters[top].flatten(1)  # [B, k_c * V/C]
+        logits = torch.einsum("bd,bmd->bm", x, table[ids].float())
+        return ids, logits, h_next
+
+
+class MTPDraftSource:
+    """Drafter-interface adapter: drives an MTPDrafter inside the decoding loop."""
+
+    def __init__(self, drafter: MTPDrafter, min_confidence: float = 0.0):
+        self.drafter, self.min_confidence = drafter, min_confidence
+
+    @torch.inference_mode()
+    def propose(self, ctx: DraftContext, k: int) -> Draft:
+        cache, row = ctx.cache, ctx.row
+        if cache.batch != 1:
+            raise ValueError("MTPDraftSource drafts for one row at a time")
+        # every step sits at the last verified token's position and reads the target's cache up to it
+        positions = torch.tensor([[cache.lengths[row] - 1]])
+        srcs = self.drafter.sources(ctx.target, cache)
+        tok = torch.tensor([ctx.tokens[-1]])
+        h = ctx.hidden[None]
+        out: list[int] = []
+        for i in range(k):
+            ids, logits, h = self.drafter.step(ctx.target, tok, h, positions, srcs)
+            j = int(logits[0].argmax())
+            if i > 0 and self.min_confidence > 0:
+                if float(torch.softmax(logits[0], -1)[j]) < self.min_confidence:
+                    break
+            t = int(ids[0, j]) if ids is not None else j
+            out.append(t)
+            tok = torch.tensor([t])
+        return Draft(out)
+
+    def observe(self, accepted: int, proposed: int) -> None:
+        pass

@@ -1,0 +1,122 @@
+"""What every model family shares: the decoder stack, its cache, weight loading.
+
+A family file defines its `ModelArgs` (parsed from config.json) and its decoder
+`Block`; `CausalLM` runs embed -> blocks -> final norm -> head and exposes what a
+drafter reads: the scaled input embedding, the last hidden state, and each
+layer's cached K/V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import KVCache
+from ..layers import Linear, RMSNorm, linear
+
+
+@dataclass
+class ForwardOut:
+    logits: torch.Tensor | None  # [B, N or 1, V] fp32
+    hidden: torch.Tensor  # [B, N, D] fp32, after the final norm (what the head reads)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM. Subclasses build `self.model.layers` and set `embed_scale`."""
+
+    args: "object"
+    embed_scale: float = 1.0
+
+    def __init__(self, args, blocks: list[nn.Module]):
+        super().__init__()
+        self.args = args
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Module()
+        self.model.embed_tokens.weight = nn.Parameter(
+            torch.empty(args.vocab_size, args.hidden_size), requires_grad=False)
+        self.model.layers = nn.ModuleList(blocks)
+        self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.norm_offset)
+        if not args.tie_word_embeddings:
+            self.lm_head = Linear(args.hidden_size, args.vocab_size)
+
+    # -- what the decoding loop and the drafters use -------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.args.vocab_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.args.tie_word_embeddings else self.lm_head.weight
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Input embeddings [B, N, D] in fp32, scaled as this family scales them."""
+        e = F.embedding(tokens, self.model.embed_tokens.weight).float()
+        return e * self.embed_scale if self.embed_scale != 1.0 else e
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden [..., D] -> logits [..., V] fp32."""
+        out = linear(hidden, self.head_weight)
+        cap = self.args.final_logit_softcapping
+        return cap * torch.tanh(out / cap) if cap else out
+
+    def layer_windows(self) -> list[int]:
+        return [blk.self_attn.window for blk in self.model.layers]
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None, max_chunk: int = 256) -> KVCache:
+        max_len = min(max_len or 8192, self.args.max_position_embeddings)
+        return KVCache.allocate(batch=batch, windows=self.layer_windows(),
+                                num_kv_heads=self.args.num_key_value_heads, head_dim=self.args.head_dim,
+                                max_len=max_len, max_chunk=max_chunk, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache, logits: str = "all") -> ForwardOut:
+        """Run N new tokens per row ([B, N]) at the end of each row, extending the cache.
+
+        logits: "all" (every position), "last" (only the last) or "none".
+        """
+        B, N = tokens.shape
+        if B != cache.batch:
+            raise ValueError(f"tokens have {B} rows, cache has {cache.batch}")
+        positions = cache.positions(N)
+        x = self.embed(tokens)
+        for blk, layer_cache in zip(self.model.layers, cache.layers):
+            x = blk(x, positions, layer_cache)
+        h = self.model.norm(x)
+        cache.advance(N)
+        out = None
+        if logits == "all":
+            out = self.logits(h)
+        elif logits == "last":
+            out = self.logits(h[:, -1:])
+        return ForwardOut(out, h)
+
+    def prefill(self, tokens: torch.Tensor, cache: KVCache) -> ForwardOut:
+        """Prompt forward in chunks of cache.max_chunk; returns the last chunk's output."""
+        out = None
+        for s in range(0, tokens.shape[1], cache.max_chunk):
+            out = self(tokens[:, s:s + cache.max_chunk], cache, logits="last")
+        return out
+
+    # -- loading --------------------------------------------------------------------
+    def load_weights(self, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        """Copy HF-named tensors in (missing/unexpected names are an error)."""
+        params = dict(self.named_parameters())
+        missing = sorted(set(params) - set(weights))
+        unexpected = sorted(set(weights) - set(params))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the {type(self).__module__} architecture: "
+                             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        for name, p in params.items():
+            w = weights[name]
+            if w.shape != p.shape:
+                raise ValueError(f"tensor {name}: checkpoint shape {tuple(w.shape)} != model shape {tuple(p.shape)}")
+            keep_fp32 = p.ndim == 1  # norm scales stay fp32 (tiny, read once)
+            p.data = w.to(torch.float32 if keep_fp32 else dtype).contiguous()

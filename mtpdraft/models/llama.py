@@ -1,0 +1,86 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral without sliding window)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import LayerCache
+from ..layers import Attention, Linear, RMSNorm, rope_inv_freq
+from .base import CausalLM
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10_000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    final_logit_softcapping: float | None = field(default=None, init=False)
+    norm_offset: float = field(default=0.0, init=False)
+
+    def __post_init__(self):
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.hidden_act != "silu":
+            raise ValueError(f"unsupported llama hidden_act {self.hidden_act!r}")
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "ModelArgs":
+        cfg = dict(cfg)
+        rope = cfg.get("rope_parameters")
+        if rope:  # transformers 5 layout
+            cfg["rope_theta"] = rope.get("rope_theta", cfg.get("rope_theta", 10_000.0))
+            cfg["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise ValueError("llama checkpoints with attention/MLP biases are not supported")
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in cfg.items() if k in names and names[k].init})
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj, self.up_proj = Linear(hidden, inter), Linear(hidden, inter)
+        self.down_proj = Linear(inter, hidden)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(
+            hidden=a.hidden_size, heads=a.num_attention_heads, kv_heads=a.num_key_value_heads,
+            head_dim=a.head_dim, scale=a.head_dim ** -0.5, window=0,
+            inv_freq=rope_inv_freq(a.head_dim, a.rope_theta, a.rope_scaling))
+        self.mlp = MLP(a.hidden_size, a.intermediate_size)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Model(CausalLM):
+    def __init__(self, args: ModelArgs):
+        super().__init__(args, [Block(args) for _ in range(args.num_hidden_layers)])
+
+
+def sanitize(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop rotary caches some checkpoints carry."""
+    return {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}

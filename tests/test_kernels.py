@@ -1,0 +1,152 @@
+import math
+
+import pytest
+import torch
+
+import mtpdraft.kernels as K
+
+pytestmark = pytest.mark.skipif(not K.native_available(), reason="native kernels could not be built")
+
+
+def _gen(seed):
+    g = torch.Generator().manual_seed(seed)
+    return g
+
+
+# ---------------------------------------------------------------------------
+# linear
+# ---------------------------------------------------------------------------
+LIN_SHAPES = [(1, 8), (5, 7), (37, 640), (70, 643), (33, 16), (100, 25), (64, 2048), (131, 576)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("O,Kd", LIN_SHAPES)
+def test_linear_matches_reference(dtype, O, Kd):
+    g = _gen(O * 1000 + Kd)
+    x = torch.randn(9, Kd, generator=g)
+    w = torch.randn(O, Kd, generator=g).to(dtype)
+    got = K.linear(x, w)
+    ref = K.reference_linear(x, w)
+    assert got.shape == (9, O) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * math.sqrt(Kd))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("O,Kd", [(70, 643), (131, 576), (40, 640), (9, 23)])
+def test_linear_row_invariant_to_n(dtype, O, Kd):
+    g = _gen(7 + O + Kd)
+    x = torch.randn(33, Kd, generator=g)
+    w = torch.randn(O, Kd, generator=g).to(dtype)
+    single = [K.linear(x[i : i + 1], w) for i in range(33)]
+    for n in range(1, 34):
+        y = K.linear(x[:n], w)
+        for i in range(n):
+            assert torch.equal(y[i : i + 1], single[i]), (n, i)
+    # any offset / sub-batch
+    y = K.linear(x[5:12], w)
+    for i in range(7):
+        assert torch.equal(y[i : i + 1], single[5 + i])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_row_independent_of_other_rows(dtype):
+    g = _gen(3)
+    x = torch.randn(17, 643, generator=g)
+    w = torch.randn(97, 643, generator=g).to(dtype)
+    y0 = K.linear(x, w)
+    x2 = x.clone()
+    x2[1:] = torch.randn(16, 643, generator=g) * 1e3
+    y2 = K.linear(x2, w)
+    assert torch.equal(y0[0], y2[0])
+    x3 = x.clone()
+    x3[:8] = 0.0
+    y3 = K.linear(x3, w)
+    assert torch.equal(y0[8:], y3[8:])
+
+
+def test_linear_noncontiguous_x():
+    g = _gen(11)
+    x = torch.randn(64, 6, generator=g).t()  # [6, 64] non-contiguous
+    w = torch.randn(20, 64, generator=g)
+    torch.testing.assert_close(K.linear(x, w), K.reference_linear(x, w), rtol=1e-4, atol=1e-4)
+    assert torch.equal(K.linear(x, w)[2], K.linear(x[2:3].contiguous(), w)[0])
+
+
+# ---------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------
+def _attn_inputs(seed, B, N, H, Hkv, D, C, dtype, start):
+    g = _gen(seed)
+    q = torch.randn(B, N, H, D, generator=g)
+    kc = torch.randn(B, C, Hkv, D, generator=g).to(dtype)
+    vc = torch.randn(B, C, Hkv, D, generator=g).to(dtype)
+    # each batch row b has its queries at consecutive positions start[b] .. start[b]+N-1
+    positions = torch.stack([torch.arange(s, s + N) for s in start]).long()
+    return q, kc, vc, positions
+
+
+ATTN_CASES = [
+    # B, N, H, Hkv, D, C, window, softcap, starts
+    (1, 4, 4, 1, 256, 64, 0, 0.0, [10]),
+    (2, 5, 4, 1, 64, 40, 16, 0.0, [3, 70]),  # ring wrap-around with window
+    (1, 7, 9, 3, 64, 32, 32, 50.0, [100]),  # full window = capacity, wrap, softcap
+    (2, 3, 4, 2, 24, 30, 0, 30.0, [0, 20]),  # D not multiple of 8
+    (1, 17, 4, 1, 256, 512, 128, 0.0, [300]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ATTN_CASES)
+def test_attention_matches_reference(dtype, case):
+    B, N, H, Hkv, D, C, window, softcap, starts = case
+    q, kc, vc, pos = _attn_inputs(sum(starts) + N, B, N, H, Hkv, D, C, dtype, starts)
+    scale = D**-0.5
+    got = K.attention(q, kc, vc, pos, window=window, scale=scale, softcap=softcap)
+    ref = K.reference_attention(q, kc, vc, pos, window=window, scale=scale, softcap=softcap)
+    assert got.shape == q.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ATTN_CASES)
+def test_attention_row_invariant(dtype, case):
+    B, N, H, Hkv, D, C, window, softcap, starts = case
+    q, kc, vc, pos = _attn_inputs(1 + N, B, N, H, Hkv, D, C, dtype, starts)
+    kw = dict(window=window, scale=D**-0.5, softcap=softcap)
+    full = K.attention(q, kc, vc, pos, **kw)
+    for b in range(B):
+        for i in range(N):
+            one = K.attention(q[b : b + 1, i : i + 1], kc[b : b + 1], vc[b : b + 1], pos[b : b + 1, i : i + 1], **kw)
+            assert torch.equal(one[0, 0], full[b, i]), (b, i)
+        # prefixes of the query block
+        for n in (1, 2, N):
+            part = K.attention(q[b : b + 1, :n], kc[b : b + 1], vc[b : b + 1], pos[b : b + 1, :n], **kw)
+            assert torch.equal(part[0], full[b, :n])
+    # other rows' contents do not matter
+    q2 = q.clone()
+    q2[:, 1:] = torch.randn_like(q2[:, 1:]) * 10
+    full2 = K.attention(q2, kc, vc, pos, **kw)
+    assert torch.equal(full2[:, 0], full[:, 0])
+    if B > 1:
+        kc2, vc2 = kc.clone(), vc.clone()
+        kc2[1:] = 0
+        vc2[1:] = 1
+        full3 = K.attention(q, kc2, vc2, pos, **kw)
+        assert torch.equal(full3[0], full[0])
+
+
+def test_attention_matches_reference_random_positions():
+    g = _gen(5)
+    B, N, H, Hkv, D, C = 3, 6, 4, 1, 64, 48
+    q = torch.randn(B, N, H, D, generator=g)
+    kc = torch.randn(B, C, Hkv, D, generator=g)
+    vc = torch.randn(B, C, Hkv, D, generator=g)
+    pos = torch.randint(0, 500, (B, N), generator=g)
+    for window in (1, 7, 48):
+        got = K.attention(q, kc, vc, pos, window=window, scale=0.125)
+        ref = K.reference_attention(q, kc, vc, pos, window=window, scale=0.125)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    pos = torch.randint(0, C, (B, N), generator=g)
+    got = K.attention(q, kc, vc, pos, scale=0.125, softcap=20.0)
+    ref = K.reference_attention(q, kc, vc, pos, scale=0.125, softcap=20.0)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
