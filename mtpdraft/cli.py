@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     m = sub.add_parser("models", help="list bundled models")
     m.set_defaults(func=cmd_models)
+    # subcommands defined in their own packages register here (one line each)
     return ap
 
 

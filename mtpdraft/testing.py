@@ -1,0 +1,65 @@
+"""Tiny random models for tests: real checkpoint directories that load through
+the same path as downloaded ones (config.json + safetensors + tokenizer.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .models import build_model
+
+TINY_CONFIGS = {
+    "gemma3_text": dict(
+        model_type="gemma3_text", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, query_pre_attn_scalar=16,
+        sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, max_position_embeddings=2048,
+        tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0),
+    "llama": dict(
+        model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10_000.0,
+        max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=2, eos_token_id=1, pad_token_id=0),
+}
+
+
+def byte_tokenizer_json(vocab_size: int) -> dict:
+    """A byte-level tokenizer: ids 0-3 special, then the 256 bytes; the rest unused."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {t: i for i, t in enumerate(specials + sorted(alphabet))}
+    for i in range(len(vocab), vocab_size):
+        vocab[f"<unused{i}>"] = i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    return json.loads(tok.to_str())
+
+
+def tiny_model_dir(out: str | Path, family: str = "gemma3_text", seed: int = 0, **overrides) -> Path:
+    """Write a tiny random model of `family` to `out` and return the directory."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {**TINY_CONFIGS[family], **overrides}
+    model = build_model(config)
+    g = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, p in model.named_parameters():
+        if name == "lm_head.weight" and config.get("tie_word_embeddings"):
+            continue
+        std = 0.0 if p.ndim == 1 else 1.0 / p.shape[-1] ** 0.5
+        weights[name] = (torch.randn(p.shape, generator=g) * std if p.ndim > 1 else torch.randn(p.shape, generator=g) * 0.1)
+    if family.startswith("gemma"):  # Gemma scales embeddings by sqrt(D): keep logits tame
+        weights["model.embed_tokens.weight"] *= config["hidden_size"] ** -0.5
+    save_file({k: v.contiguous() for k, v in weights.items()}, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json(config["vocab_size"])))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
+        "unk_token": "<unk>", "pad_token": "<pad>"}))
+    return out
