@@ -1,0 +1,122 @@
+"""Runtime benchmark: decode step vs the weight-read bound, plain decoding vs
+transformers generate(), and the cost of one MTP drafting step (dense vs clustered).
+
+    python benchmarks/runtime.py --dtype bf16 --max-new-tokens 64 --rounds 2
+
+Everything is measured interleaved in one process; ratios are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+import mtpdraft
+from mtpdraft.config import SamplingParams, Stats
+from mtpdraft.decoding import generate
+from mtpdraft.drafters import MTPConfig, MTPDrafter, MTPDraftSource
+from mtpdraft.drafters.base import DraftContext
+
+PROMPTS = ["The history of the printing press", "def binary_search(arr, target):\n",
+           "Q: Why is the sky blue?\nA:", "My favourite recipe for soup is"]
+
+
+def bandwidth_gbs(mb: int = 1024, reps: int = 5) -> float:
+    """Read bandwidth from a large sum (best of reps)."""
+    x = torch.ones(mb * 2**20 // 4)
+    best = min((lambda t0: (x.sum(), time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(reps))
+    return x.numel() * 4 / best / 1e9
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def decode_step_ms(model, n_new: int, reps: int = 20) -> float:
+    cache = model.new_cache(1, 512)
+    model.prefill(torch.tensor([[2] + list(range(1000, 1200))]), cache)
+    base = cache.lengths[0]
+    toks = torch.arange(3000, 3000 + n_new)[None]
+    times = []
+    for _ in range(reps):
+        cache.truncate(0, base)
+        t0 = time.perf_counter()
+        model(toks, cache, logits="all")
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
+def draft_step_ms(model, clustered: bool, reps: int = 30) -> float:
+    cfg = MTPConfig.for_target(model, use_ordered_embeddings=clustered)
+    src = MTPDraftSource(MTPDrafter.random(cfg).to_dtype(model.dtype))
+    cache = model.new_cache(1, 512)
+    out = model.prefill(torch.tensor([[2] + list(range(1000, 1200))]), cache)
+    ctx = DraftContext(list(range(201)), out.hidden[0, -1], model, cache)
+    src.propose(ctx, 1)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        src.propose(ctx, 4)
+    return 1e3 * (time.perf_counter() - t0) / reps / 4
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-hf", action="store_true")
+    args = ap.parse_args()
+    model, tok = mtpdraft.load("gemma-3-270m", args.dtype)
+    res = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                       "torch": torch.__version__}, "dtype": args.dtype}
+
+    bw = bandwidth_gbs()
+    wb = weight_bytes(model)
+    res["bandwidth_GBps"] = round(bw, 1)
+    res["weight_MB"] = round(wb / 1e6, 1)
+    res["weight_read_bound_ms"] = round(wb / bw / 1e6, 2)
+    res["forward_ms"] = {n: round(decode_step_ms(model, n), 2) for n in (1, 2, 4, 8, 16)}
+    res["step_over_bound"] = round(res["forward_ms"][1] / res["weight_read_bound_ms"], 2)
+    res["draft_step_ms"] = {"clustered": round(draft_step_ms(model, True), 2),
+                            "dense": round(draft_step_ms(model, False), 2)}
+
+    hf = None
+    if not args.no_hf:
+        from transformers import AutoModelForCausalLM
+
+        dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+        hf = AutoModelForCausalLM.from_pretrained(str(model.path), dtype=dt).eval()
+    ours_tok = ours_s = hf_tok = hf_s = 0.0
+    for _ in range(args.rounds):
+        for p in PROMPTS:  # interleaved: ours then transformers, same prompt
+            ids = tok(p).input_ids
+            st = Stats()
+            list(generate(model, ids, SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True), stats=st))
+            ours_tok += st.decode_tokens
+            ours_s += st.decode_s
+            if hf is not None:
+                x = torch.tensor([ids])
+                with torch.no_grad():
+                    t0 = time.perf_counter()
+                    hf.generate(x, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+                    t1 = time.perf_counter()
+                    out = hf.generate(x, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
+                                      do_sample=False)
+                    t2 = time.perf_counter()
+                # subtract the prefill (a 1-token generate) to compare decoding only
+                hf_tok += out.shape[1] - x.shape[1] - 1
+                hf_s += (t2 - t1) - (t1 - t0)
+    res["mtpdraft_tokens_per_s"] = round(ours_tok / ours_s, 2)
+    if hf is not None:
+        res["transformers_tokens_per_s"] = round(hf_tok / hf_s, 2)
+        res["speedup_vs_transformers"] = round(res["mtpdraft_tokens_per_s"] / res["transformers_tokens_per_s"], 2)
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Speculative greedy == plain greedy, on tiny random targets with random drafters."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mtpdraft
+from mtpdraft.config import SamplingParams, SpecParams, Stats
+from mtpdraft.decoding import generate
+from mtpdraft.drafters import Draft, MTPConfig, MTPDrafter, MTPDraftSource, NgramDrafter
+
+_cache = {}
+
+
+def model_and_tok(tiny_dirs, fam):
+    if fam not in _cache:
+        _cache[fam] = mtpdraft.load(str(tiny_dirs[fam]), "fp32")
+    return _cache[fam]
+
+
+def random_mtp(model, seed, clustered):
+    cfg = MTPConfig.for_target(model, hidden_size=32, intermediate_size=64,
+                               num_attention_heads=model.args.num_key_value_heads * 2,
+                               layer_types=["sliding_attention", "full_attention"],
+                               use_ordered_embeddings=clustered, num_centroids=16, centroid_intermediate_top_k=4)
+    return MTPDraftSource(MTPDrafter.random(cfg, seed=seed, std=0.3))
+
+
+class ReplayDrafter:
+    """A perfect drafter: proposes the target's own continuation."""
+
+    def __init__(self, prompt_len, continuation):
+        self.prompt_len, self.cont = prompt_len, continuation
+
+    def propose(self, ctx, k):
+        done = len(ctx.tokens) - self.prompt_len
+        return Draft(self.cont[done:done + k])
+
+    def observe(self, accepted, proposed):
+        pass
+
+
+class NoisyDrafter:
+    """Right sometimes, wrong sometimes: exercises partial acceptance and rollback."""
+
+    def __init__(self, prompt_len, continuation, seed):
+        self.prompt_len, self.cont, self.g = prompt_len, continuation, torch.Generator().manual_seed(seed)
+
+    def propose(self, ctx, k):
+        done = len(ctx.tokens) - self.prompt_len
+        out = list(self.cont[done:done + k])
+        for i in range(len(out)):
+            if torch.rand((), generator=self.g) < 0.3:
+                out[i] = int(torch.randint(4, 512, (), generator=self.g))
+        return Draft(out)
+
+    def observe(self, accepted, proposed):
+        pass
+
+
+def run(model, tok, prompt, sp, drafter=None, k=4, adaptive=False):
+    stats = Stats()
+    out = list(generate(model, prompt, sp, drafter=drafter, spec=SpecParams(draft_len=k, adaptive=adaptive),
+                        tokenizer=tok, stats=stats))
+    return out, stats
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fam=st.sampled_from(["gemma3_text", "llama"]),
+       prompt=st.lists(st.integers(4, 511), min_size=1, max_size=40),
+       k=st.integers(1, 8), max_new=st.integers(1, 40), adaptive=st.booleans(),
+       kind=st.sampled_from(["ngram", "mtp", "mtp_dense", "noisy"]), seed=st.integers(0, 5),
+       stop_at=st.one_of(st.none(), st.integers(0, 30)))
+def test_speculative_greedy_equals_plain(tiny_dirs, fam, prompt, k, max_new, adaptive, kind, seed, stop_at):
+    model, tok = model_and_tok(tiny_dirs, fam)
+    plain_full, _ = run(model, tok, prompt, SamplingParams(max_new_tokens=max_new, ignore_eos=True))
+    stop = ()
+    if stop_at is not None and stop_at < len(plain_full):
+        # a stop string that plain decoding hits mid-way: the decoded text of one generated token
+        piece = tok.decode([plain_full[stop_at]])
+        if piece.strip() and "\ufffd" not in piece:
+            stop = (piece,)
+    sp = SamplingParams(max_new_tokens=max_new, ignore_eos=True, stop=stop)
+    plain, _ = run(model, tok, prompt, sp)
+    drafter = {"ngram": lambda: NgramDrafter(),
+               "mtp": lambda: random_mtp(model, seed, clustered=True),
+               "mtp_dense": lambda: random_mtp(model, seed, clustered=False),
+               "noisy": lambda: NoisyDrafter(len(prompt), plain_full, seed)}[kind]()
+    spec, _ = run(model, tok, prompt, sp, drafter, k, adaptive)
+    assert spec == plain
+
+
+@pytest.mark.parametrize("fam", ["gemma3_text", "llama"])
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_perfect_drafter_reaches_k_plus_one(tiny_dirs, fam, k):
+    model, tok = model_and_tok(tiny_dirs, fam)
+    prompt = tok("the perfect drafter").input_ids
+    sp = SamplingParams(max_new_tokens=1 + (k + 1) * 6, ignore_eos=True)
+    plain, _ = run(model, tok, prompt, sp)
+    spec, stats = run(model, tok, prompt, sp, ReplayDrafter(len(prompt), plain), k)
+    assert spec == plain
+    assert stats.cycles == 6 and stats.mean_accepted_tokens == k + 1
+    assert stats.acceptance_by_position == [1.0] * k
+
+
+def test_eos_inside_an_accepted_draft(tiny_dirs):
+    """EOS in the middle of a fully accepted draft ends generation right there."""
+    model, tok = model_and_tok(tiny_dirs, "llama")
+    prompt = tok("stop early").input_ids
+    plain_full, _ = run(model, tok, prompt, SamplingParams(max_new_tokens=20, ignore_eos=True))
+    eos = plain_full[5]
+    first = plain_full.index(eos)
+    model.args.eos_token_id = eos
+    try:
+        sp = SamplingParams(max_new_tokens=20)
+        plain, _ = run(model, tok, prompt, sp)
+        spec, _ = run(model, tok, prompt, sp, ReplayDrafter(len(prompt), plain_full), 8)
+    finally:
+        del model.args.eos_token_id
+    assert plain == spec == plain_full[:first + 1]
+
+
+def test_sampling_reproducible_with_seed(tiny_dirs):
+    model, tok = model_and_tok(tiny_dirs, "gemma3_text")
+    prompt = tok("sample me").input_ids
+    sp = SamplingParams(max_new_tokens=20, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
+    a, _ = run(model, tok, prompt, sp, NgramDrafter())
+    b, _ = run(model, tok, prompt, sp, NgramDrafter())
+    assert a == b
+
+
+def test_speculative_sampling_matches_target_marginal(tiny_dirs):
+    """The second generated token's distribution with a drafter matches plain sampling
+    (both estimated over 400 seeds; tolerance TV < 0.15 for a vocab restricted by top_k=4)."""
+    model, tok = model_and_tok(tiny_dirs, "llama")
+    prompt = tok("dist").input_ids
+    hist = {}
+    for mode in ("plain", "spec"):
+        counts = {}
+        for s in range(400):
+            sp = SamplingParams(max_new_tokens=2, temperature=1.0, top_k=4, seed=s, ignore_eos=True)
+            d = random_mtp(model, 0, clustered=False) if mode == "spec" else None
+            out, _ = run(model, tok, prompt, sp, d, 2)
+            counts[tuple(out)] = counts.get(tuple(out), 0) + 1
+        hist[mode] = counts
+    keys = set(hist["plain"]) | set(hist["spec"])
+    tv = 0.5 * sum(abs(hist["plain"].get(k, 0) - hist["spec"].get(k, 0)) for k in keys) / 400
+    assert tv < 0.15, tv
