@@ -26,8 +26,14 @@ class LayerCache:
 
     def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """k, v: [B, N, Hkv, D]; positions: [B, N] absolute positions."""
+        B, N = positions.shape
+        start = int(positions[0, 0]) % self.capacity
+        if B == 1 and start + N <= self.capacity:  # the common case: one contiguous slice
+            self.k[0, start:start + N] = k[0]
+            self.v[0, start:start + N] = v[0]
+            return
         slots = positions % self.capacity
-        rows = torch.arange(k.shape[0]).unsqueeze(1).expand_as(slots)
+        rows = torch.arange(B).unsqueeze(1).expand_as(slots)
         self.k[rows, slots] = k.to(self.k.dtype)
         self.v[rows, slots] = v.to(self.v.dtype)
 

@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list bundled models")
     m.set_defaults(func=cmd_models)
     # subcommands defined in their own packages register here (one line each)
+    from .serve.command import add_parser as _serve; _serve(sub)  # noqa: E702
+    from .bench.command import add_parser as _bench; _bench(sub)  # noqa: E702
     return ap
 
 

@@ -44,6 +44,38 @@ class Linear(nn.Module):
         return linear(x, self.weight)
 
 
+def fuse_weights(*layers: Linear) -> torch.Tensor:
+    """Concatenate the layers' weights along the output dim; leave each layer a view."""
+    fused = torch.cat([m.weight.data for m in layers])
+    start = 0
+    for m in layers:
+        n = m.weight.shape[0]
+        m.weight.data = fused[start:start + n]
+        start += n
+    return fused
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), with gate and up fused into one weight by fuse()."""
+
+    def __init__(self, hidden: int, inter: int, act: str):
+        super().__init__()
+        self.gate_proj, self.up_proj = Linear(hidden, inter), Linear(hidden, inter)
+        self.down_proj = Linear(inter, hidden)
+        self.act = {"gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu}[act]
+        self.gate_up = None
+
+    def fuse(self) -> None:
+        self.gate_up = fuse_weights(self.gate_proj, self.up_proj)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm in fp32. Gemma stores the scale as an offset from 1 (`offset=1`)."""
 
@@ -53,9 +85,8 @@ class RMSNorm(nn.Module):
         self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x * (self.offset + self.weight.float())
+        scale = self.weight.float() + self.offset if self.offset else self.weight.float()
+        return F.rms_norm(x.float(), (x.shape[-1],), scale, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
@@ -78,21 +109,43 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> t
     return inv
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """x: [B, N, H, D]; positions: [B, N]. Rotate-half convention (HF)."""
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, N, 1, D] for positions [B, N] (HF's fp32 arithmetic)."""
     freqs = positions.unsqueeze(-1).float() * inv_freq  # [B, N, D/2]
     emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)  # [B, N, 1, D]
-    cos, sin = emb.cos(), emb.sin()
+    return emb.cos(), emb.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (HF convention). x: [B, N, H, D]."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """x: [B, N, H, D]; positions: [B, N]."""
+    return rotate(x, *rope_tables(positions, inv_freq))
+
+
+class Rope:
+    """RoPE frequencies shared by the layers that use them; the cos/sin tables of the
+    current forward are computed once and reused by every such layer."""
+
+    def __init__(self, inv_freq: torch.Tensor):
+        self.inv_freq = inv_freq
+        self._positions = self._tables = None
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if positions is not self._positions:  # a new forward (we hold the old tensor, so `is` is safe)
+            self._positions, self._tables = positions, rope_tables(positions, self.inv_freq)
+        return rotate(x, *self._tables)
 
 
 class Attention(nn.Module):
     """GQA self-attention over the layer's cache; optional per-head q/k norms (Gemma)."""
 
     def __init__(self, *, hidden: int, heads: int, kv_heads: int, head_dim: int, scale: float,
-                 window: int, inv_freq: torch.Tensor, qk_norm_eps: float | None = None,
+                 window: int, rope: Rope, qk_norm_eps: float | None = None,
                  norm_offset: float = 0.0, softcap: float = 0.0):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
@@ -106,17 +159,32 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(head_dim, qk_norm_eps, norm_offset)
         else:
             self.q_norm = self.k_norm = None
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rope = rope
+        self.qkv = None  # fused [q; k; v] weight, set by fuse()
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return self.rope.inv_freq
+
+    def fuse(self) -> None:
+        """One weight for q, k and v: one kernel call instead of three. Each output
+        element is still its own fixed-order dot product, so results are unchanged;
+        the separate weights become views of the fused one (no extra memory)."""
+        self.qkv = fuse_weights(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         B, N, _ = x.shape
-        q = self.q_proj(x).view(B, N, self.heads, self.head_dim)
-        k = self.k_proj(x).view(B, N, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, N, self.kv_heads, self.head_dim)
+        nq, nkv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if self.qkv is not None:
+            q, k, v = linear(x, self.qkv).split([nq, nkv, nkv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, N, self.heads, self.head_dim)
+        k = k.reshape(B, N, self.kv_heads, self.head_dim)
+        v = v.reshape(B, N, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, positions, self.inv_freq)
-        k = apply_rope(k, positions, self.inv_freq)
+        q, k = self.rope(q, positions), self.rope(k, positions)
         cache.write(k, v, positions)
         out = kernels.attention(q, cache.k, cache.v, positions, window=self.window,
                                 scale=self.scale, softcap=self.softcap)

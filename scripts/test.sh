@@ -3,4 +3,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
+# Reference for the Gemma 4 assistant tests: transformers 5.23 cannot build
+# Gemma4AssistantForCausalLM, 5.10.4 can. It goes into its own directory (with the
+# tokenizers/hub versions it imports with) and reuses the venv's torch.
+ref=${MTPDRAFT_TF_REFERENCE:-$PWD/.tf-reference}
+if [ ! -d "$ref/transformers" ]; then
+  .venv/bin/python -m pip install -q --no-deps --target "$ref" transformers==5.10.4 tokenizers==0.22.2 \
+    "huggingface_hub>=1.5.0,<2.0"
+fi
+export MTPDRAFT_TF_REFERENCE=$ref
 exec .venv/bin/python -m pytest -q "$@"

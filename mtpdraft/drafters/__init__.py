@@ -8,6 +8,7 @@ import torch
 
 from ..models.base import CausalLM
 from .base import Draft, DraftContext, Drafter
+from .gemma4_assistant import is_gemma4_assistant, load_gemma4_assistant
 from .mtp import MTPConfig, MTPDrafter, MTPDraftSource
 from .ngram import NgramDrafter
 
@@ -34,6 +35,8 @@ def make_drafter(spec: str, target: CausalLM, model_name: str = "", min_confiden
         path = Path(spec)
         if not path.is_dir():
             raise ValueError(f"unknown drafter {spec!r}: use none, auto, ngram or a drafter directory")
+    if is_gemma4_assistant(path):  # an official Gemma 4 `-assistant` checkpoint
+        return MTPDraftSource(load_gemma4_assistant(path, target.dtype, target=target), min_confidence)
     d = MTPDrafter.load(path, dtype=target.dtype)
     d.check_target(target)
     return MTPDraftSource(d, min_confidence=min_confidence)

@@ -8,12 +8,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from . import gemma3, llama
+from . import gemma3, gemma4, llama
 from .base import CausalLM, ForwardOut
 
 FAMILIES = {
     "gemma3_text": gemma3,
     "gemma3": gemma3,
+    "gemma4_text": gemma4, "gemma4": gemma4,
     "llama": llama,
     "mistral": llama,
 }

@@ -120,3 +120,6 @@ class CausalLM(nn.Module):
                 raise ValueError(f"tensor {name}: checkpoint shape {tuple(w.shape)} != model shape {tuple(p.shape)}")
             keep_fp32 = p.ndim == 1  # norm scales stay fp32 (tiny, read once)
             p.data = w.to(torch.float32 if keep_fp32 else dtype).contiguous()
+        for m in self.modules():  # fused projections: fewer kernel calls per step
+            if hasattr(m, "fuse") and m is not self:
+                m.fuse()

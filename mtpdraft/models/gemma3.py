@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..cache import LayerCache
-from ..layers import Attention, Linear, RMSNorm, rope_inv_freq
+from ..layers import Attention, GatedMLP, RMSNorm, Rope, rope_inv_freq
 from .base import CausalLM
 
 
@@ -53,28 +52,16 @@ class ModelArgs:
         return cls(**{k: v for k, v in cfg.items() if k in names and names[k].init})
 
 
-class MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int):
-        super().__init__()
-        self.gate_proj, self.up_proj = Linear(hidden, inter), Linear(hidden, inter)
-        self.down_proj = Linear(inter, hidden)
-
-    def forward(self, x):
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
-
-
 class Block(nn.Module):
-    def __init__(self, a: ModelArgs, i: int):
+    def __init__(self, a: ModelArgs, i: int, ropes: dict[str, Rope]):
         super().__init__()
         sliding = a.layer_types[i] == "sliding_attention"
-        theta = a.rope_local_base_freq if sliding else a.rope_theta
-        inv_freq = rope_inv_freq(a.head_dim, theta, None if sliding else a.rope_scaling)
         self.self_attn = Attention(
             hidden=a.hidden_size, heads=a.num_attention_heads, kv_heads=a.num_key_value_heads,
             head_dim=a.head_dim, scale=a.query_pre_attn_scalar ** -0.5,
-            window=a.sliding_window if sliding else 0, inv_freq=inv_freq,
+            window=a.sliding_window if sliding else 0, rope=ropes[a.layer_types[i]],
             qk_norm_eps=a.rms_norm_eps, norm_offset=1.0, softcap=a.attn_logit_softcapping or 0.0)
-        self.mlp = MLP(a.hidden_size, a.intermediate_size)
+        self.mlp = GatedMLP(a.hidden_size, a.intermediate_size, "gelu_tanh")
         norm = lambda: RMSNorm(a.hidden_size, a.rms_norm_eps, offset=1.0)  # noqa: E731
         self.input_layernorm, self.post_attention_layernorm = norm(), norm()
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
@@ -86,7 +73,10 @@ class Block(nn.Module):
 
 class Model(CausalLM):
     def __init__(self, args: ModelArgs):
-        super().__init__(args, [Block(args, i) for i in range(args.num_hidden_layers)])
+        # local layers rotate with their own base frequency; global ones may be scaled
+        ropes = {"sliding_attention": Rope(rope_inv_freq(args.head_dim, args.rope_local_base_freq)),
+                 "full_attention": Rope(rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling))}
+        super().__init__(args, [Block(args, i, ropes) for i in range(args.num_hidden_layers)])
         # HF keeps the scale in the embedding dtype, so bf16 rounds sqrt(D) first.
         self.embed_scale = float(torch.tensor(args.hidden_size ** 0.5, dtype=torch.float32))
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..cache import LayerCache
-from ..layers import Attention, Linear, RMSNorm, rope_inv_freq
+from ..layers import Attention, GatedMLP, RMSNorm, Rope, rope_inv_freq
 from .base import CausalLM
 
 
@@ -50,24 +49,13 @@ class ModelArgs:
         return cls(**{k: v for k, v in cfg.items() if k in names and names[k].init})
 
 
-class MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int):
-        super().__init__()
-        self.gate_proj, self.up_proj = Linear(hidden, inter), Linear(hidden, inter)
-        self.down_proj = Linear(inter, hidden)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Block(nn.Module):
-    def __init__(self, a: ModelArgs):
+    def __init__(self, a: ModelArgs, rope: Rope):
         super().__init__()
         self.self_attn = Attention(
             hidden=a.hidden_size, heads=a.num_attention_heads, kv_heads=a.num_key_value_heads,
-            head_dim=a.head_dim, scale=a.head_dim ** -0.5, window=0,
-            inv_freq=rope_inv_freq(a.head_dim, a.rope_theta, a.rope_scaling))
-        self.mlp = MLP(a.hidden_size, a.intermediate_size)
+            head_dim=a.head_dim, scale=a.head_dim ** -0.5, window=0, rope=rope)
+        self.mlp = GatedMLP(a.hidden_size, a.intermediate_size, "silu")
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
@@ -78,7 +66,8 @@ class Block(nn.Module):
 
 class Model(CausalLM):
     def __init__(self, args: ModelArgs):
-        super().__init__(args, [Block(args) for _ in range(args.num_hidden_layers)])
+        rope = Rope(rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling))
+        super().__init__(args, [Block(args, rope) for _ in range(args.num_hidden_layers)])
 
 
 def sanitize(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,181 @@
+"""Official Gemma 4 MTP drafters (`model_type: gemma4_assistant`) as MTPDrafters.
+
+The checkpoint follows the MTPDrafter layout (pre_projection, query-only
+model.layers, model.norm, post_projection, model.embed_tokens as the tied head,
+masked_embedding.{centroids,token_ordering}); its math differs from the generic
+drafter in mtp.py in ways taken from transformers' Gemma4AssistantForCausalLM
+and SinglePositionMultiTokenCandidateGenerator (5.10.4):
+
+- norms are Gemma 4's: x * weight (no 1+ offset), and each layer ends with a
+  learned `layer_scalar`;
+- query heads have the head_dim of the target layer type they read (full layers
+  may use a larger global_head_dim than sliding ones);
+- the RoPE position of the queries is that of the token being embedded (the
+  last committed token t, not yet run through the target), i.e. one past the
+  last verified position, while the keys are the target's verified ones
+  (positions <= the last verified position; sliding layers see the last W + 1 of
+  them, which is what transformers' bidirectional-then-flipped mask gives);
+- the input is concat(target.embed(t), h) with h the target's final-normed
+  hidden state at the last verified position (the one whose logits chose t), and
+  later steps use post_projection(norm(x)): unchanged from mtp.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .. import kernels
+from ..layers import Linear, RMSNorm, apply_rope
+from ..models import gemma4
+from ..models.base import CausalLM
+from .mtp import MTPConfig, MTPDrafter
+
+
+class DraftAttention(nn.Module):
+    def __init__(self, c: MTPConfig, head_dim: int):
+        super().__init__()
+        self.heads, self.head_dim = c.num_attention_heads, head_dim
+        self.q_proj = Linear(c.hidden_size, c.num_attention_heads * head_dim)
+        self.q_norm = RMSNorm(head_dim, c.rms_norm_eps)
+        self.o_proj = Linear(c.num_attention_heads * head_dim, c.hidden_size)
+
+    def forward(self, x, positions, src):
+        """positions: [B, 1], the last verified position; the query sits one past it."""
+        attn, cache = src
+        B = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(B, 1, self.heads, self.head_dim))
+        q = apply_rope(q, positions + 1, attn.inv_freq)
+        # Keys: the verified positions <= p; a sliding layer sees W + 1 of them (p-W..p),
+        # as transformers' assistant mask does (measured: W or W-1 keys differ by ~1e-2).
+        window = attn.window + 1 if attn.window else 0
+        out = kernels.attention(q, cache.k, cache.v, positions, window=window, scale=attn.scale)
+        return self.o_proj(out.reshape(B, 1, -1))
+
+
+class DraftLayer(nn.Module):
+    def __init__(self, c: MTPConfig, layer_type: str, head_dim: int):
+        super().__init__()
+        self.layer_type = layer_type
+        self.self_attn = DraftAttention(c, head_dim)
+        self.mlp = gemma4.MLP(c.hidden_size, c.intermediate_size)
+        norm = lambda: RMSNorm(c.hidden_size, c.rms_norm_eps)  # noqa: E731
+        self.input_layernorm, self.post_attention_layernorm = norm(), norm()
+        self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
+        self.layer_scalar = nn.Parameter(torch.ones(1), requires_grad=False)
+
+    def forward(self, x, positions, src):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, src))
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x * self.layer_scalar
+
+
+class Gemma4AssistantDrafter(MTPDrafter):
+    """An MTPDrafter with Gemma 4's layers; drafting (step, sources, the clustered
+    head) and MTPDraftSource are shared with mtp.py."""
+
+    def __init__(self, config: MTPConfig, text: gemma4.ModelArgs):
+        super().__init__(config)
+        self.text = text
+        dims = {t: d for t, d in zip(text.layer_types, text.layer_head_dims)}
+        self.model.layers = nn.ModuleList(DraftLayer(config, t, dims[t]) for t in config.layer_types)
+        self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def check_target(self, target: CausalLM) -> None:
+        """Raise before generation if this assistant cannot read `target`'s cache."""
+        c, a = self.config, target.args
+        if not isinstance(target, gemma4.Model):
+            raise ValueError(f"a gemma4_assistant drafter needs a Gemma 4 target, got {type(target).__module__}")
+        if c.backbone_hidden_size != a.hidden_size:
+            raise ValueError(f"drafter does not match the target: backbone_hidden_size {c.backbone_hidden_size} "
+                             f"!= target hidden_size {a.hidden_size}")
+        if c.vocab_size != a.vocab_size:
+            raise ValueError(f"drafter does not match the target: vocabulary {c.vocab_size} != {a.vocab_size}")
+        need = set(c.layer_types) - set(a.layer_types)
+        if need:
+            raise ValueError(f"drafter reads {sorted(need)} layers, which the target does not have")
+        for layer, (attn, _) in zip(self.model.layers, self.sources(target, target.new_cache(1, 8, 1))):
+            t, mine = layer.layer_type, layer.self_attn
+            if mine.head_dim != attn.head_dim:
+                raise ValueError(f"drafter does not match the target: {t} head_dim {mine.head_dim} != {attn.head_dim}")
+            if mine.heads % attn.kv_heads:
+                raise ValueError(f"drafter does not match the target: {mine.heads} query heads do not group over "
+                                 f"the target's {attn.kv_heads} {t} KV heads")
+            theirs = gemma4.rope_inv_freq(self.text.rope_parameters[t], mine.head_dim)
+            if not torch.equal(theirs, attn.inv_freq):
+                raise ValueError(f"drafter does not match the target: {t} RoPE parameters differ")
+            if t == "sliding_attention" and self.text.sliding_window != attn.window:
+                raise ValueError(f"drafter does not match the target: sliding window "
+                                 f"{self.text.sliding_window} != {attn.window}")
+
+
+def is_gemma4_assistant(path: str | Path) -> bool:
+    f = Path(path) / "config.json"
+    return f.is_file() and json.loads(f.read_text()).get("model_type") == "gemma4_assistant"
+
+
+def load_gemma4_assistant(path: str | Path, dtype: torch.dtype = torch.float32,
+                          target: CausalLM | None = None) -> Gemma4AssistantDrafter:
+    """Load an official gemma4_assistant directory (config.json + *.safetensors);
+    with `target`, also check that it can draft for it."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} is not a drafter directory (no config.json)")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("model_type") != "gemma4_assistant":
+        raise ValueError(f"{path}: model_type {cfg.get('model_type')!r} is not gemma4_assistant")
+    tc = dict(cfg["text_config"])
+    n = tc["num_hidden_layers"]
+    if (tc.get("num_kv_shared_layers") or n) != n:  # transformers' assistant config enforces it too
+        raise ValueError(f"{path}: every assistant layer must share the target's KV "
+                         f"(num_kv_shared_layers {tc.get('num_kv_shared_layers')} != {n})")
+    for key in ("hidden_size_per_layer_input", "enable_moe_block", "use_double_wide_mlp"):
+        if tc.get(key):
+            raise ValueError(f"{path}: gemma4_assistant with {key}={tc[key]} is not supported")
+    tc["num_kv_shared_layers"] = 0  # the target holds the K/V; we only need the layer shapes
+    text = gemma4.ModelArgs.from_config(tc)
+    config = MTPConfig(
+        backbone_hidden_size=cfg["backbone_hidden_size"], vocab_size=text.vocab_size, head_dim=text.head_dim,
+        num_key_value_heads=1,  # the target's, checked per layer type by check_target
+        hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+        num_attention_heads=text.num_attention_heads, layer_types=list(text.layer_types),
+        rms_norm_eps=text.rms_norm_eps, use_ordered_embeddings=bool(cfg.get("use_ordered_embeddings", False)),
+        num_centroids=cfg.get("num_centroids", 2048),
+        centroid_intermediate_top_k=cfg.get("centroid_intermediate_top_k", 32))
+    d = Gemma4AssistantDrafter(config, text)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no .safetensors weights")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            weights.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"malformed checkpoint file {f}: {e}") from e
+    weights.pop("lm_head.weight", None)  # tied to model.embed_tokens
+    expected = d.state_dict()
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match gemma4_assistant: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}")
+    for k, w in weights.items():
+        if w.shape != expected[k].shape:
+            raise ValueError(f"{path}: tensor {k} has shape {tuple(w.shape)}, config implies {tuple(expected[k].shape)}")
+    if config.use_ordered_embeddings:
+        order = weights["masked_embedding.token_ordering"].long()
+        if not torch.equal(order.sort().values, torch.arange(config.vocab_size)):
+            raise ValueError(f"{path}: masked_embedding.token_ordering is not a permutation of the vocabulary")
+        weights["masked_embedding.token_ordering"] = order
+    d.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
+    d = d.to_dtype(dtype).eval()
+    if target is not None:
+        d.check_target(target)
+    return d
+
+
+__all__ = ["Gemma4AssistantDrafter", "is_gemma4_assistant", "load_gemma4_assistant"]
