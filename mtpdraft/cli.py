@@ -38,7 +38,13 @@ def cmd_generate(args) -> int:
     model, tok = load(args.model, args.dtype)
     drafter = make_drafter(args.drafter, model, model.name)
     load_s = time.perf_counter() - t0
-    ids = tok(args.prompt).input_ids
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            raise ValueError(f"model {model.name} has no chat template; drop --chat to use the raw prompt")
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=True)["input_ids"]
+    else:
+        ids = tok(args.prompt).input_ids
     stats = Stats()
     stopper = StopChecker(sp, eos_ids_of(model, tok), tok)
     printed = 0
@@ -89,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     g.set_defaults(func=cmd_generate)
     m = sub.add_parser("models", help="list bundled models")
@@ -96,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     # subcommands defined in their own packages register here (one line each)
     from .serve.command import add_parser as _serve; _serve(sub)  # noqa: E702
     from .bench.command import add_parser as _bench; _bench(sub)  # noqa: E702
+    from .drafters.export import add_parser as _export; _export(sub)  # noqa: E702
     return ap
 
 

@@ -37,9 +37,9 @@ from .mtp import MTPConfig, MTPDrafter
 
 
 class DraftAttention(nn.Module):
-    def __init__(self, c: MTPConfig, head_dim: int):
+    def __init__(self, c: MTPConfig, head_dim: int, window: int = 0):
         super().__init__()
-        self.heads, self.head_dim = c.num_attention_heads, head_dim
+        self.heads, self.head_dim, self.window = c.num_attention_heads, head_dim, window
         self.q_proj = Linear(c.hidden_size, c.num_attention_heads * head_dim)
         self.q_norm = RMSNorm(head_dim, c.rms_norm_eps)
         self.o_proj = Linear(c.num_attention_heads * head_dim, c.hidden_size)
@@ -51,17 +51,17 @@ class DraftAttention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(B, 1, self.heads, self.head_dim))
         q = apply_rope(q, positions + 1, attn.inv_freq)
         # Keys: the verified positions <= p; a sliding layer sees W + 1 of them (p-W..p),
-        # as transformers' assistant mask does (measured: W or W-1 keys differ by ~1e-2).
-        window = attn.window + 1 if attn.window else 0
-        out = kernels.attention(q, cache.k, cache.v, positions, window=window, scale=attn.scale)
+        # W the assistant's own text_config.sliding_window (normally the target's), as
+        # transformers' assistant mask does (measured: W or W-1 keys differ by ~1e-2).
+        out = kernels.attention(q, cache.k, cache.v, positions, window=self.window, scale=attn.scale)
         return self.o_proj(out.reshape(B, 1, -1))
 
 
 class DraftLayer(nn.Module):
-    def __init__(self, c: MTPConfig, layer_type: str, head_dim: int):
+    def __init__(self, c: MTPConfig, layer_type: str, head_dim: int, window: int = 0):
         super().__init__()
         self.layer_type = layer_type
-        self.self_attn = DraftAttention(c, head_dim)
+        self.self_attn = DraftAttention(c, head_dim, window if layer_type == "sliding_attention" else 0)
         self.mlp = gemma4.MLP(c.hidden_size, c.intermediate_size)
         norm = lambda: RMSNorm(c.hidden_size, c.rms_norm_eps)  # noqa: E731
         self.input_layernorm, self.post_attention_layernorm = norm(), norm()
@@ -82,7 +82,8 @@ class Gemma4AssistantDrafter(MTPDrafter):
         super().__init__(config)
         self.text = text
         dims = {t: d for t, d in zip(text.layer_types, text.layer_head_dims)}
-        self.model.layers = nn.ModuleList(DraftLayer(config, t, dims[t]) for t in config.layer_types)
+        self.model.layers = nn.ModuleList(DraftLayer(config, t, dims[t], text.sliding_window + 1)
+                                          for t in config.layer_types)
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def check_target(self, target: CausalLM) -> None:
@@ -108,9 +109,15 @@ class Gemma4AssistantDrafter(MTPDrafter):
             theirs = gemma4.rope_inv_freq(self.text.rope_parameters[t], mine.head_dim)
             if not torch.equal(theirs, attn.inv_freq):
                 raise ValueError(f"drafter does not match the target: {t} RoPE parameters differ")
-            if t == "sliding_attention" and self.text.sliding_window != attn.window:
+            if t == "sliding_attention" and self.text.sliding_window > attn.window:  # keys the cache may not hold
                 raise ValueError(f"drafter does not match the target: sliding window "
-                                 f"{self.text.sliding_window} != {attn.window}")
+                                 f"{self.text.sliding_window} > the target's {attn.window}")
+
+    def save(self, out: str | Path) -> Path:
+        """Write the official gemma4_assistant layout (what load_gemma4_assistant reads)."""
+        from .export import save_gemma4_assistant
+
+        return save_gemma4_assistant(self, out)
 
 
 def is_gemma4_assistant(path: str | Path) -> bool:

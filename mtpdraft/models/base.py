@@ -60,6 +60,10 @@ class CausalLM(nn.Module):
         e = F.embedding(tokens, self.model.embed_tokens.weight).float()
         return e * self.embed_scale if self.embed_scale != 1.0 else e
 
+    def per_layer_inputs(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """Families with per-layer input embeddings (Gemma 4 edge) return [B, N, L, P]."""
+        return None
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden [..., D] -> logits [..., V] fp32."""
         out = linear(hidden, self.head_weight)
@@ -86,8 +90,9 @@ class CausalLM(nn.Module):
             raise ValueError(f"tokens have {B} rows, cache has {cache.batch}")
         positions = cache.positions(N)
         x = self.embed(tokens)
-        for blk, layer_cache in zip(self.model.layers, cache.layers):
-            x = blk(x, positions, layer_cache)
+        extra = self.per_layer_inputs(tokens, x)
+        for i, (blk, layer_cache) in enumerate(zip(self.model.layers, cache.layers)):
+            x = blk(x, positions, layer_cache) if extra is None else blk(x, positions, layer_cache, extra[:, :, i])
         h = self.model.norm(x)
         cache.advance(N)
         out = None

@@ -21,7 +21,7 @@ from torch import nn
 from ..cache import KVCache, LayerCache
 from ..kernels import attention
 from ..layers import Linear, RMSNorm, apply_rope, linear
-from .base import CausalLM, ForwardOut
+from .base import CausalLM
 
 
 @dataclass
@@ -287,8 +287,10 @@ class Model(CausalLM):
         if self.args.hidden_size_per_layer_input:
             self.ple_scale = float(torch.tensor(self.args.hidden_size_per_layer_input ** 0.5).to(dtype))
 
-    def per_layer_inputs(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def per_layer_inputs(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         """PLE: [B, N, L, P] = (norm(proj(x) / sqrt(D)) + ple_table[token] * sqrt(P)) / sqrt(2)."""
+        if not self.args.hidden_size_per_layer_input:
+            return None
         a, (B, N) = self.args, tokens.shape
         L, P = a.num_hidden_layers, a.hidden_size_per_layer_input
         if int(tokens.max()) >= a.vocab_size_per_layer_input:
@@ -314,25 +316,6 @@ class Model(CausalLM):
             layers.append(LayerCache(torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype),
                                      at.window))
         return KVCache(layers, max_len, max_chunk)
-
-    @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: KVCache, logits: str = "all") -> ForwardOut:
-        B, N = tokens.shape
-        if B != cache.batch:
-            raise ValueError(f"tokens have {B} rows, cache has {cache.batch}")
-        positions = cache.positions(N)
-        x = self.embed(tokens)
-        ple = self.per_layer_inputs(tokens, x) if self.args.hidden_size_per_layer_input else None
-        for i, (blk, layer_cache) in enumerate(zip(self.model.layers, cache.layers)):
-            x = blk(x, positions, layer_cache, None if ple is None else ple[:, :, i])
-        h = self.model.norm(x)
-        cache.advance(N)
-        out = None
-        if logits == "all":
-            out = self.logits(h)
-        elif logits == "last":
-            out = self.logits(h[:, -1:])
-        return ForwardOut(out, h)
 
 
 _MULTIMODAL = ("vision_tower", "audio_tower", "embed_vision", "embed_audio", "multi_modal_projector")
