@@ -26,12 +26,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from .. import kernels
 from ..layers import Linear, RMSNorm, apply_rope
-from ..models import gemma4
+from ..models import gemma4, load_safetensors_dir
 from ..models.base import CausalLM
 from .mtp import MTPConfig, MTPDrafter
 
@@ -155,15 +154,7 @@ def load_gemma4_assistant(path: str | Path, dtype: torch.dtype = torch.float32,
         num_centroids=cfg.get("num_centroids", 2048),
         centroid_intermediate_top_k=cfg.get("centroid_intermediate_top_k", 32))
     d = Gemma4AssistantDrafter(config, text)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} has no .safetensors weights")
-    weights: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            weights.update(load_file(str(f)))
-        except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"malformed checkpoint file {f}: {e}") from e
+    weights = load_safetensors_dir(path)
     weights.pop("lm_head.weight", None)  # tied to model.embed_tokens
     expected = d.state_dict()
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))

@@ -45,6 +45,20 @@ def build_model(config: dict) -> CausalLM:
     return family.Model(family.ModelArgs.from_config(config))
 
 
+def load_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the *.safetensors files in `path` (pickled weights are never read)."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no .safetensors weights (pickled .bin files are not loaded)")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            weights.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"malformed checkpoint file {f}: {e}") from e
+    return weights
+
+
 def load_model_dir(path: str | Path, dtype: str | torch.dtype = "bf16") -> CausalLM:
     """Load a local HF-style directory (config.json + *.safetensors)."""
     path, dtype = Path(path), parse_dtype(dtype)
@@ -52,17 +66,9 @@ def load_model_dir(path: str | Path, dtype: str | torch.dtype = "bf16") -> Causa
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path} has no config.json")
     config = json.loads(cfg_file.read_text())
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} has no .safetensors weights (pickled .bin files are not loaded)")
+    family = family_of(config)  # an unsupported architecture is reported before any weight is read
+    weights = load_safetensors_dir(path)
     model = build_model(config)
-    weights: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            weights.update(load_file(str(f)))
-        except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"malformed checkpoint file {f}: {e}") from e
-    family = family_of(config)
     weights = family.sanitize(weights)
     if model.args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
@@ -70,4 +76,5 @@ def load_model_dir(path: str | Path, dtype: str | torch.dtype = "bf16") -> Causa
     return model.eval()
 
 
-__all__ = ["CausalLM", "ForwardOut", "FAMILIES", "build_model", "load_model_dir", "parse_dtype"]
+__all__ = ["CausalLM", "ForwardOut", "FAMILIES", "build_model", "load_model_dir", "load_safetensors_dir",
+           "parse_dtype"]
