@@ -33,7 +33,8 @@ def cpu_name() -> str:
 
 
 def run(cmd: list[str]) -> tuple[str, str]:
-    shown = " ".join(c if " " not in c else repr(c) for c in cmd).replace(sys.executable, "python")
+    shown = " ".join(c if " " not in c else repr(c) for c in cmd)
+    shown = shown.replace(sys.executable, "python").replace(f"{ROOT}/", "")
     print(f"$ {shown}", file=sys.stderr, flush=True)
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if p.returncode != 0:
