@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     # subcommands defined in their own packages register here (one line each)
     from .serve.command import add_parser as _serve; _serve(sub)  # noqa: E702
     from .bench.command import add_parser as _bench; _bench(sub)  # noqa: E702
+    from .train.command import add_parser as _train; _train(sub)  # noqa: E702
     from .drafters.export import add_parser as _export; _export(sub)  # noqa: E702
     return ap
 

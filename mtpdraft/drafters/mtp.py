@@ -42,6 +42,9 @@ class MTPConfig:
     use_ordered_embeddings: bool = True  # the clustered head
     num_centroids: int = 2048
     centroid_intermediate_top_k: int = 32
+    # True: no output table of its own; the head is the target's (head_weight, V x D), read
+    # by h' (the post-projected state, width D), and so are the centroids (C x D)
+    tie_output_to_target: bool = False
     model_type: str = "mtpdraft_mtp"
 
     def __post_init__(self):
@@ -113,12 +116,22 @@ class MTPDrafter(nn.Module):
         self.model = nn.Module()
         self.model.layers = nn.ModuleList(DraftLayer(c, t) for t in c.layer_types)
         self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, offset=1.0)
-        self.model.embed_tokens = nn.Module()  # the tied output table, in drafter width
-        self.model.embed_tokens.weight = nn.Parameter(torch.empty(c.vocab_size, c.hidden_size), requires_grad=False)
+        if not c.tie_output_to_target:
+            self.model.embed_tokens = nn.Module()  # the tied output table, in drafter width
+            self.model.embed_tokens.weight = nn.Parameter(torch.empty(c.vocab_size, c.hidden_size),
+                                                          requires_grad=False)
         if c.use_ordered_embeddings:
             self.masked_embedding = nn.Module()
-            self.masked_embedding.centroids = Linear(c.hidden_size, c.num_centroids)
+            self.masked_embedding.centroids = Linear(self.head_width, c.num_centroids)
             self.masked_embedding.register_buffer("token_ordering", torch.arange(c.vocab_size))
+
+    @property
+    def head_width(self) -> int:
+        """Width of the vector the head reads: d, or D when the head is the target's."""
+        return self.config.backbone_hidden_size if self.config.tie_output_to_target else self.config.hidden_size
+
+    def output_table(self, target: CausalLM) -> torch.Tensor:
+        return target.head_weight if self.config.tie_output_to_target else self.model.embed_tokens.weight
 
     # -- construction, saving, loading ------------------------------------------------
     @classmethod
@@ -193,14 +206,15 @@ class MTPDrafter(nn.Module):
             x = layer(x, positions, src)
         x = self.model.norm(x)[:, 0]  # [B, d]
         h_next = self.post_projection(x)
-        table = self.model.embed_tokens.weight
+        table = self.output_table(target)
+        y = h_next if self.config.tie_output_to_target else x
         if not self.config.use_ordered_embeddings:
-            return None, linear(x, table), h_next
+            return None, linear(y, table), h_next
         c = self.config
-        top = self.masked_embedding.centroids(x).topk(c.centroid_intermediate_top_k, dim=-1).indices  # [B, k_c]
+        top = self.masked_embedding.centroids(y).topk(c.centroid_intermediate_top_k, dim=-1).indices  # [B, k_c]
         clusters = self.masked_embedding.token_ordering.view(c.num_centroids, -1)
         ids = clusters[top].flatten(1)  # [B, k_c * V/C]
-        logits = torch.einsum("bd,bmd->bm", x, table[ids].float())
+        logits = torch.einsum("bd,bmd->bm", y, table[ids].float())
         return ids, logits, h_next
 
 

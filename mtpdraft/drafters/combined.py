@@ -1,0 +1,51 @@
+"""Combined drafter: prompt lookup when the text repeats itself, the MTP drafter otherwise.
+
+The n-gram drafter's proposal is used when it continues a suffix match of at
+least `min_match` tokens (loopy and copying text, where lookup is nearly free and
+very accurate); otherwise the MTP drafter proposes. Both see every round, so the
+n-gram index stays in sync. Lossless like any drafter: the target verifies.
+"""
+
+from __future__ import annotations
+
+from .base import Draft, DraftContext, Drafter
+from .ngram import NgramDrafter
+
+
+class CombinedDrafter:
+    def __init__(self, mtp: Drafter, ngram: NgramDrafter | None = None, min_match: int = 2):
+        self.ngram = ngram or NgramDrafter(max_ngram=max(3, min_match))
+        if not 1 <= min_match <= self.ngram.max_ngram:
+            raise ValueError(f"min_match must be in 1..{self.ngram.max_ngram}, got {min_match}")
+        self.mtp, self.min_match = mtp, min_match
+        self.last = ""  # which drafter proposed the last round: "ngram" | "mtp" | ""
+        self.rounds = {"ngram": 0, "mtp": 0}
+
+    def _ngram_match(self, ctx: DraftContext, k: int) -> Draft:
+        ng = self.ngram
+        ng._sync(ctx.tokens)
+        toks = ng._tokens
+        for n in range(ng.max_ngram, self.min_match - 1, -1):
+            if len(toks) < n:
+                continue
+            start = ng._index.get(tuple(toks[-n:]))
+            if start is not None:
+                return Draft(toks[start:start + k])
+        return Draft([])
+
+    def propose(self, ctx: DraftContext, k: int) -> Draft:
+        d = self._ngram_match(ctx, k)
+        if d.tokens:
+            self.last = "ngram"
+        else:
+            d = self.mtp.propose(ctx, k)
+            self.last = "mtp" if d.tokens else ""
+        if self.last:
+            self.rounds[self.last] += 1
+        return d
+
+    def observe(self, accepted: int, proposed: int) -> None:
+        if self.last == "mtp":
+            self.mtp.observe(accepted, proposed)
+        elif self.last == "ngram":
+            self.ngram.observe(accepted, proposed)

@@ -1,0 +1,279 @@
+"""The drafter's differentiable training forward, its head initialisation and its loss.
+
+Inference (`MTPDrafter.step`) drafts for ONE last-verified position p at a time,
+through the non-differentiable batch-invariant kernels. Training runs the same
+arithmetic with plain torch ops for EVERY position p of a stored sequence at
+once: the query of row p sits at RoPE position p and attends to the target's
+cached K/V of positions <= p (and > p - window on sliding layers), which is
+exactly causal self-attention between the rows' queries and the sequence's
+stored K/V. Step j of row p reads the true token t_{p+j} and the drafter's own
+h from step j-1 (the target's h_p for step 1) and predicts t_{p+j+1}.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..drafters.mtp import MTPConfig, MTPDrafter
+from ..layers import apply_rope
+from ..models.base import CausalLM
+
+
+def source_layers(drafter: MTPDrafter | list[str], target: CausalLM) -> list[int]:
+    """Index of the target layer whose K/V each drafter layer reads (as MTPDrafter.sources).
+    drafter: a drafter or its layer_types."""
+    types = drafter if isinstance(drafter, list) else [l.layer_type for l in drafter.model.layers]
+    windows = target.layer_windows()
+    last_full = max((i for i, w in enumerate(windows) if w == 0), default=len(windows) - 1)
+    last_slide = max((i for i, w in enumerate(windows) if w > 0), default=last_full)
+    return [last_slide if t == "sliding_attention" else last_full for t in types]
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), w.float() + 1.0, eps)
+
+
+def _lin(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
+
+
+def attention_mask(T: int, window: int) -> torch.Tensor:
+    """[T, T] bool, True = row p may read key position q: q <= p (and q > p - window)."""
+    p = torch.arange(T)[:, None]
+    q = torch.arange(T)[None, :]
+    m = q <= p
+    if window > 0:
+        m &= q > p - window
+    return m
+
+
+def draft_step(drafter: MTPDrafter, target: CausalLM, tokens: torch.Tensor, h: torch.Tensor,
+               kv: list[tuple[torch.Tensor, torch.Tensor]], masks: list[torch.Tensor], positions: torch.Tensor):
+    """One drafting step for every row at once (differentiable).
+
+    tokens: [B, T] the step's input token per row; h: [B, T, D] the incoming hidden;
+    kv: per drafter layer, the target's K, V [B, T, Hkv, Dh] of the sequence;
+    masks: per drafter layer, [T, T] bool; positions: [B, T] (row p sits at p).
+    Returns (x [B, T, d] after the final norm, h' [B, T, D]).
+    """
+    c = drafter.config
+    srcs = [target.model.layers[i].self_attn for i in source_layers(drafter, target)]
+    with torch.no_grad():
+        e = target.embed(tokens)
+    x = _lin(torch.cat([e, h], -1), drafter.pre_projection.weight)
+    B, T, _ = x.shape
+    for layer, src, (k, v), mask in zip(drafter.model.layers, srcs, kv, masks):
+        a = layer.self_attn
+        y = _rms(x, layer.input_layernorm.weight, c.rms_norm_eps)
+        q = _lin(y, a.q_proj.weight).view(B, T, a.heads, a.head_dim)
+        q = _rms(q, a.q_norm.weight, c.rms_norm_eps)
+        q = apply_rope(q, positions, src.inv_freq)
+        kk, vv = k.float(), v.float()
+        if a.heads != kk.shape[2]:
+            kk = kk.repeat_interleave(a.heads // kk.shape[2], dim=2)
+            vv = vv.repeat_interleave(a.heads // vv.shape[2], dim=2)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
+                                           attn_mask=mask, scale=src.scale)
+        o = _lin(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight)
+        x = x + _rms(o, layer.post_attention_layernorm.weight, c.rms_norm_eps)
+        y = _rms(x, layer.pre_feedforward_layernorm.weight, c.rms_norm_eps)
+        m = _lin(F.gelu(_lin(y, layer.mlp.gate_proj.weight), approximate="tanh") * _lin(y, layer.mlp.up_proj.weight),
+                 layer.mlp.down_proj.weight)
+        x = x + _rms(m, layer.post_feedforward_layernorm.weight, c.rms_norm_eps)
+    x = _rms(x, drafter.model.norm.weight, c.rms_norm_eps)
+    return x, _lin(x, drafter.post_projection.weight)
+
+
+def unrolled(drafter: MTPDrafter, target: CausalLM, seq: torch.Tensor, h0: torch.Tensor,
+             kv: list[tuple[torch.Tensor, torch.Tensor]], steps: int):
+    """Teacher-forced unrolled drafting over whole sequences.
+
+    seq: [B, T] token ids (padding anywhere after a row's end); h0: [B, T, D] the
+    target's final hidden per position. Returns per step j = 1..steps the pair
+    (x_j, h_j), each [B, T, ...]; row p of step j predicts seq[p + j + 1].
+    """
+    B, T = seq.shape
+    positions = torch.arange(T).expand(B, T)
+    srcs = [target.model.layers[i].self_attn for i in source_layers(drafter, target)]
+    masks = [attention_mask(T, s.window) for s in srcs]
+    pad = torch.zeros(B, steps, dtype=seq.dtype)
+    ext = torch.cat([seq, pad], 1)
+    h, outs = h0.float(), []
+    for j in range(1, steps + 1):
+        x, h = draft_step(drafter, target, ext[:, j:j + T], h, kv, masks, positions)
+        outs.append((x, h))
+    return outs
+
+
+# -- the clustered head ---------------------------------------------------------------
+def balanced_clusters(table: torch.Tensor, num_clusters: int, iters: int = 6, seed: int = 0,
+                      dims: int = 64) -> torch.Tensor:
+    """Token ordering: a permutation of the vocabulary whose consecutive blocks of
+    V/C tokens are clusters of similar output-embedding rows.
+
+    Balanced recursive bisection: split each group at the median of its rows'
+    projection on the group's top principal direction (a few power iterations),
+    on the rows' top `dims` principal components (cheap for a 262k x 640 table).
+    For a C that is not a power of two the last split is a sort on one direction.
+    """
+    V, D = table.shape
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    W = table.float()
+    if dims and D > dims:
+        mean = W.mean(0, keepdim=True)
+        _, _, vec = torch.pca_lowrank(W - mean, q=dims, center=False, niter=2)
+        W = (W - mean) @ vec
+        D = dims
+    order = torch.arange(V)
+    groups = 1
+    while groups < num_clusters:
+        split = 2 if num_clusters % (groups * 2) == 0 else num_clusters // groups
+        n = V // groups
+        X = W[order].view(groups, n, D)
+        X = X - X.mean(1, keepdim=True)
+        v = torch.randn(groups, D, 1, generator=g)
+        for _ in range(iters):
+            v = X.transpose(1, 2) @ (X @ v)
+            v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        proj = (X @ v)[..., 0]  # [groups, n]
+        idx = proj.argsort(dim=1, stable=True)
+        order = order.view(groups, n).gather(1, idx).reshape(-1)
+        groups *= split
+        del X
+    return order
+
+
+def init_head(drafter: MTPDrafter, target: CausalLM, seed: int = 0) -> None:
+    """Cluster the target's output embeddings into the drafter's token ordering and
+    start each centroid at its cluster's mean row (tied head only)."""
+    c = drafter.config
+    if not c.use_ordered_embeddings:
+        return
+    table = drafter.output_table(target).detach()
+    order = balanced_clusters(table, c.num_centroids, seed=seed)
+    drafter.masked_embedding.token_ordering.copy_(order)
+    if c.tie_output_to_target:
+        means = table.float()[order].view(c.num_centroids, -1, table.shape[1]).mean(1)
+        drafter.masked_embedding.centroids.weight.data = means.to(drafter.masked_embedding.centroids.weight.dtype)
+
+
+def cluster_of(drafter: MTPDrafter) -> torch.Tensor:
+    """[V] the cluster index of every token."""
+    c = drafter.config
+    order = drafter.masked_embedding.token_ordering
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel())
+    return inv // (c.vocab_size // c.num_centroids)
+
+
+_ORDERED: dict = {}
+
+
+def ordered_table(drafter: MTPDrafter, target: CausalLM) -> torch.Tensor:
+    """The output table with its rows in token_ordering, as [C, V/C, width] (cached)."""
+    c = drafter.config
+    table = drafter.output_table(target)
+    order = drafter.masked_embedding.token_ordering
+    key = (id(drafter), id(table), table.data_ptr(), int(order[:8].sum()), int(order[-8:].sum()))
+    if key not in _ORDERED:
+        _ORDERED.clear()
+        _ORDERED[key] = table.detach()[order].view(c.num_centroids, c.vocab_size // c.num_centroids, -1)
+    return _ORDERED[key]
+
+
+class _ClusterDot(torch.autograd.Function):
+    """logits[n, m*per + i] = y[n] . ordered[cand[n, m], i] for a frozen table,
+    gathered in chunks (the [N, M, per, D] gather is never kept for backward)."""
+
+    @staticmethod
+    def forward(ctx, y, ordered, cand, chunk):
+        per = ordered.shape[1]
+        out = torch.empty(cand.shape[0], cand.shape[1] * per, dtype=torch.float32)
+        for s in range(0, cand.shape[0], chunk):
+            rows = ordered[cand[s:s + chunk]].flatten(1, 2).float()  # [n, M*per, D]
+            out[s:s + chunk] = torch.bmm(rows, y[s:s + chunk, :, None])[..., 0]
+        ctx.save_for_backward(cand)
+        ctx.ordered, ctx.chunk = ordered, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (cand,) = ctx.saved_tensors
+        ordered, chunk = ctx.ordered, ctx.chunk
+        gy = torch.empty(cand.shape[0], ordered.shape[2], dtype=torch.float32)
+        for s in range(0, cand.shape[0], chunk):
+            rows = ordered[cand[s:s + chunk]].flatten(1, 2).float()
+            gy[s:s + chunk] = torch.bmm(g[s:s + chunk, None, :], rows)[:, 0]
+        return gy, None, None, None
+
+
+def cluster_dot(y: torch.Tensor, ordered: torch.Tensor, cand: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    return _ClusterDot.apply(y.contiguous(), ordered, cand, chunk)
+
+
+def head_loss(drafter: MTPDrafter, target: CausalLM, y: torch.Tensor, labels: torch.Tensor, clusters: torch.Tensor,
+              extra_clusters: int = 1, centroid_weight: float = 1.0):
+    """Reduced-cost loss of the clustered head for rows y [N, width] and labels [N].
+
+    Centroid cross-entropy on the label's cluster, plus token cross-entropy over the
+    tokens of the label's cluster and of the `extra_clusters` best-scored other
+    clusters (the competitors the inference argmax sees most). Returns (loss,
+    correct [N] bool: a cheap proxy of the inference head's hit, the label's cluster
+    in the top k_c and the label the argmax of the candidate set).
+    """
+    c = drafter.config
+    table = drafter.output_table(target)
+    if not c.use_ordered_embeddings:
+        logits = _lin(y, table.float())
+        return F.cross_entropy(logits, labels), logits.argmax(-1) == labels
+    per = c.vocab_size // c.num_centroids
+    cl = _lin(y, drafter.masked_embedding.centroids.weight)  # [N, C]
+    lab_c = clusters[labels]
+    loss_c = F.cross_entropy(cl, lab_c)
+    with torch.no_grad():
+        top = cl.topk(extra_clusters + 1, dim=-1).indices
+        # the label's cluster first, then the best others (a duplicate of the label's is dropped below)
+        cand = torch.cat([lab_c[:, None], top], 1)
+        dup = torch.zeros_like(cand, dtype=torch.bool)
+        dup[:, 1:] = top == lab_c[:, None]
+        # keep exactly extra_clusters others per row
+        keep = ~dup & ((~dup).cumsum(1) <= extra_clusters + 1)
+        cand = cand[keep].view(-1, extra_clusters + 1)
+        ordering = drafter.masked_embedding.token_ordering.view(c.num_centroids, per)
+        tgt = (ordering[lab_c] == labels[:, None]).float().argmax(1)  # label's index inside its cluster
+    logits = cluster_dot(y.float(), ordered_table(drafter, target), cand)  # [N, (1 + extra) * per]
+    loss_t = F.cross_entropy(logits, tgt)
+    with torch.no_grad():
+        in_top = (cl.topk(c.centroid_intermediate_top_k, dim=-1).indices == lab_c[:, None]).any(1)
+        correct = (logits.argmax(-1) == tgt) & in_top
+    return loss_t + centroid_weight * loss_c, correct
+
+
+@torch.no_grad()
+def inference_correct(drafter: MTPDrafter, target: CausalLM, y: torch.Tensor, labels: torch.Tensor,
+                      chunk: int = 16) -> torch.Tensor:
+    """[N] bool: the head's prediction exactly as MTPDrafter.step makes it == label."""
+    c = drafter.config
+    table = drafter.output_table(target)
+    if not c.use_ordered_embeddings:
+        return _lin(y, table.float()).argmax(-1) == labels
+    clusters = drafter.masked_embedding.token_ordering.view(c.num_centroids, -1)
+    out = torch.empty(labels.shape, dtype=torch.bool)
+    for s in range(0, y.shape[0], chunk):
+        ys = y[s:s + chunk].float()
+        top = _lin(ys, drafter.masked_embedding.centroids.weight.float()).topk(c.centroid_intermediate_top_k, -1).indices
+        ids = clusters[top].flatten(1)
+        logits = torch.einsum("bd,bmd->bm", ys, table[ids].float())
+        out[s:s + chunk] = ids.gather(1, logits.argmax(-1, keepdim=True))[:, 0] == labels[s:s + chunk]
+    return out
+
+
+def new_drafter(target: CausalLM, cfg: dict, seed: int) -> MTPDrafter:
+    """A freshly initialised drafter for `target` (head clustered from its table)."""
+    config = MTPConfig.for_target(target, **cfg)
+    d = MTPDrafter.random(config, seed=seed)
+    # norms: the offset-1 scales start at 1 (weight 0) as MTPDrafter.random leaves them
+    init_head(d, target, seed)
+    return d

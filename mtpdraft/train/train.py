@@ -1,0 +1,653 @@
+"""Train an MTP drafter for a target model, on text the target writes itself.
+
+    export MTPDRAFT_CACHE=/tmp/mtp/cache
+    # the shipped gemma-3-270m drafter (~55 min on 2 cores; every stage resumes)
+    mtpdraft train --model gemma-3-270m --out /tmp/mtp/train/gemma-3-270m \\
+        --data-budget-s 1200 --train-budget-s 1800
+    # copy it into the package if it beats the untrained drafter
+    mtpdraft train --model gemma-3-270m --out /tmp/mtp/train/gemma-3-270m \\
+        --ship mtpdraft/drafters/shipped/gemma-3-270m
+    # a demo / CI run on a tiny random model (a few minutes at most)
+    python -c "from mtpdraft.testing import tiny_model_dir; tiny_model_dir('/tmp/tiny')"
+    mtpdraft train --model /tmp/tiny --dtype fp32 --out /tmp/tiny-drafter --quick
+
+Stages (each writes under --out and is skipped when its output exists; training
+resumes from OUT/ckpt.pt, and `touch OUT/STOP` ends it early with what it learned):
+  1. data      prompts (mtpdraft/data/train_prompts.jsonl, split into train and
+               held-out by category) + short BOS openings; the target writes
+               greedy continuations, some after a sampled opening (temperature),
+               in batches of rows decoding together -> data/sequences.jsonl
+  2. features  one batched prefill per group of sequences: the target's final
+               hidden h_p, the K/V of the layers the drafter reads, greedy labels
+               -> features/{train,val}.pt
+  3. train     teacher-forced unrolled drafting (k steps, the drafter's own h
+               carried between steps, the target's K/V at positions <= p, RoPE at
+               p: exactly what inference does), clustered-head cross-entropy with
+               a reduced softmax -> drafter/ (+ ckpt.pt while training)
+  4. eval      tau, acceptance by position and tokens/s from the real speculative
+               loop on held-out prompts: plain, untrained MTP, trained MTP,
+               n-gram, combined (n-gram on a >= 2-token match, else MTP)
+               -> eval.json
+All settings live in TrainConfig; the command line sets a few of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from .data import Job, generate_batch, load_prompts, split_prompts
+from .features import Features, compute_features
+from .model import cluster_of, head_loss, inference_correct, new_drafter, source_layers, unrolled
+
+
+@dataclass
+class TrainConfig:
+    model: str = "gemma-3-270m"
+    out: str = "/tmp/mtp/train/run"
+    dtype: str = "bf16"  # the target's dtype: data, labels and eval use it (serve the drafter with it)
+    seed: int = 0
+    # -- data ---------------------------------------------------------------------------------
+    prompts_file: str | None = None  # default: the bundled train_prompts.jsonl
+    heldout_frac: float = 0.15  # of the prompts (per category), only ever used by eval
+    max_prompts: int = 0  # 0 = all
+    max_prompt_tokens: int = 96
+    new_tokens: int = 160
+    greedy_per_prompt: int = 1  # plain greedy continuation of the prompt
+    opened_per_prompt: int = 5  # greedy continuations after `sample_first` sampled tokens
+    bos_openings: int = 96  # BOS + `sample_first` sampled tokens, then greedy
+    sample_first: int = 6
+    temperature: float = 0.9
+    sampled_per_prompt: int = 0  # fully sampled rows (labelled by the target's argmax)
+    gen_batch: int = 64  # rows decoding together (<= 64 keeps the runtime's exact kernels)
+    data_budget_s: float = 0.0  # stop writing after this long (0 = write every job)
+    data_deadline: str = ""  # or at this UTC wall-clock time ("HH:MM" today, or an ISO timestamp)
+    # -- features -----------------------------------------------------------------------------
+    feature_batch_tokens: int = 4096
+    val_frac: float = 0.05  # of the training prompts' sequences, for the held-out accuracy
+    val_positions: int = 1500  # validate on (about) this many trained positions
+    # -- drafter ------------------------------------------------------------------------------
+    hidden_size: int = 256
+    intermediate_size: int = 1024
+    num_attention_heads: int = 4
+    layer_types: tuple[str, ...] = ("full_attention",)
+    num_centroids: int = 0  # 0 = auto (2048 for big vocabularies, vocab/16 for tiny ones)
+    centroid_top_k: int = 0  # 0 = auto (32, at most a quarter of the clusters)
+    tie_output_to_target: bool = True  # the head is the target's own table, read by h'
+    # -- training -----------------------------------------------------------------------------
+    draft_steps: int = 4  # k: unrolled steps per position
+    step_decay: float = 0.8  # weight of step j is decay^(j-1)
+    extra_clusters: int = 2  # competing clusters in the reduced softmax
+    centroid_weight: float = 1.0
+    hidden_weight: float = 0.1  # relative MSE of h' to the target's next hidden state
+    batch_tokens: int = 2048  # positions per batch (sequences padded to a common length)
+    epochs: float = 6.0
+    max_iters: int = 0  # 0 = from epochs (and the time budget)
+    train_budget_s: float = 0.0  # 0 = none; else the schedule is sized to fit it
+    train_deadline: str = ""  # end training by this UTC time; the cosine schedule is re-sized as it goes
+                              # (robust to the process being paused: iterations are timed, pauses are not)
+    lr: float = 2e-3
+    min_lr_frac: float = 0.1
+    warmup_iters: int = 30
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    threads: int = 0  # torch threads (0 = leave as is)
+    eval_every: int = 100
+    ckpt_every: int = 100
+    # -- eval ---------------------------------------------------------------------------------
+    eval_prompts: int = 16
+    eval_new_tokens: int = 128
+    eval_untrained_prompts: int = 6
+    draft_len: int = 4
+    min_match: int = 2  # combined drafter: n-gram when its match has >= this many tokens
+    top_k_tolerance: float = 0.01  # keep the smallest centroid top-k within this of the best held-out tau
+    quick: bool = False
+
+    @classmethod
+    def quick_config(cls, **kw) -> "TrainConfig":
+        """A few minutes on a tiny model: small data, small drafter, short schedule."""
+        base = dict(quick=True, max_prompts=40, new_tokens=48, opened_per_prompt=1, bos_openings=8, gen_batch=16,
+                    hidden_size=64, intermediate_size=128, num_attention_heads=4, epochs=10.0, batch_tokens=1024,
+                    eval_every=40, ckpt_every=200, warmup_iters=10, lr=3e-3, eval_prompts=4, eval_new_tokens=32,
+                    eval_untrained_prompts=4)
+        base.update(kw)
+        return cls(**base)
+
+
+def deadline_ts(spec: str) -> float | None:
+    """'HH:MM' (UTC, today) or an ISO timestamp -> epoch seconds; '' -> None."""
+    if not spec:
+        return None
+    import datetime as dt
+
+    if len(spec) <= 5 and ":" in spec:
+        h, m = map(int, spec.split(":"))
+        now = dt.datetime.now(dt.timezone.utc)
+        return now.replace(hour=h, minute=m, second=0, microsecond=0).timestamp()
+    return dt.datetime.fromisoformat(spec).timestamp()
+
+
+def _log(msg: str) -> None:
+    print(f"[train {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _auto_clusters(vocab: int, cfg: TrainConfig) -> tuple[int, int]:
+    c = cfg.num_centroids
+    if not c:
+        c = 2048 if vocab >= 2048 * 64 else 1 << max(1, int(math.log2(max(2, vocab // 16))))
+        while vocab % c:
+            c //= 2
+    k = cfg.centroid_top_k or max(1, min(32, c // 4))
+    return c, k
+
+
+def drafter_settings(target, cfg: TrainConfig) -> dict:
+    c, k = _auto_clusters(target.args.vocab_size, cfg)
+    return dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                num_attention_heads=max(cfg.num_attention_heads, target.args.num_key_value_heads),
+                layer_types=list(cfg.layer_types), use_ordered_embeddings=target.args.vocab_size % c == 0,
+                num_centroids=c, centroid_intermediate_top_k=k, tie_output_to_target=cfg.tie_output_to_target)
+
+
+# -- stage 1 --------------------------------------------------------------------------------
+def make_jobs(cfg: TrainConfig, tok, train_prompts: list[dict], bos: int) -> list[dict]:
+    rng = random.Random(cfg.seed)
+    jobs = []
+    for p in train_prompts:
+        ids = tok(p["prompt"]).input_ids[: cfg.max_prompt_tokens]
+        for r in range(cfg.greedy_per_prompt):
+            jobs.append(dict(prompt=ids, temperature=0.0, sample_first=0, source=f"{p['id']}:greedy"))
+        for r in range(cfg.opened_per_prompt):
+            jobs.append(dict(prompt=ids, temperature=cfg.temperature, sample_first=cfg.sample_first,
+                             source=f"{p['id']}:opened{r}"))
+        for r in range(cfg.sampled_per_prompt):
+            jobs.append(dict(prompt=ids, temperature=cfg.temperature, sample_first=-1, source=f"{p['id']}:sampled{r}"))
+    for r in range(cfg.bos_openings):
+        jobs.append(dict(prompt=[bos], temperature=1.0, sample_first=cfg.sample_first, source=f"bos:{r}"))
+    for i, j in enumerate(jobs):
+        j["id"], j["seed"] = i, rng.randrange(1 << 30)
+    return jobs
+
+
+def stage_data(cfg: TrainConfig, model, tok, train_prompts: list[dict]) -> list[dict]:
+    from ..decoding.engine import eos_ids_of
+    from tqdm import tqdm
+
+    ddir = Path(cfg.out) / "data"
+    ddir.mkdir(parents=True, exist_ok=True)
+    done_flag, seq_file = ddir / "DONE.json", ddir / "sequences.jsonl"
+    bos = getattr(tok, "bos_token_id", None)
+    bos = bos if bos is not None else getattr(model.args, "bos_token_id", 0) or 0
+    jobs = make_jobs(cfg, tok, train_prompts, bos)
+    have = {}
+    if seq_file.exists():
+        for line in seq_file.read_text().splitlines():
+            if line.strip():
+                s = json.loads(line)
+                have[s["id"]] = s
+    if done_flag.exists():
+        return [have[i] for i in sorted(have)]
+    todo = [j for j in jobs if j["id"] not in have]
+    # rows of similar prompt length decode together (less prefill imbalance)
+    todo.sort(key=lambda j: (len(j["prompt"]), j["id"]))
+    eos = eos_ids_of(model, tok)
+    t0, ntok = time.perf_counter(), 0
+    bar = tqdm(total=len(jobs), initial=len(have), desc="data", unit="seq", dynamic_ncols=True)
+    with seq_file.open("a") as f:
+        batches = [todo[i:i + cfg.gen_batch] for i in range(0, len(todo), cfg.gen_batch)]
+        random.Random(cfg.seed).shuffle(batches)  # a budget cut keeps every kind of job
+        for batch in batches:
+            if cfg.data_budget_s and time.perf_counter() - t0 > cfg.data_budget_s:
+                _log(f"data budget of {cfg.data_budget_s:.0f} s reached")
+                break
+            if deadline_ts(cfg.data_deadline) and time.time() > deadline_ts(cfg.data_deadline):
+                _log(f"data deadline {cfg.data_deadline} reached")
+                break
+            gj = []
+            for j in batch:
+                sf = j["sample_first"]
+                gj.append(Job(j["prompt"], cfg.new_tokens, j["temperature"], j["seed"], j["source"],
+                              sample_first=sf))
+            seqs = generate_batch(model, gj, eos)
+            for j, s in zip(batch, seqs):
+                sf = j["sample_first"]
+                rec = dict(id=j["id"], source=j["source"], tokens=s, prompt_len=len(j["prompt"]),
+                           greedy_from=-1 if sf < 0 else len(j["prompt"]) + sf)
+                have[j["id"]] = rec
+                f.write(json.dumps(rec) + "\n")
+                ntok += len(s) - len(j["prompt"])
+            f.flush()
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=round(ntok / (time.perf_counter() - t0), 1))
+    bar.close()
+    dt = time.perf_counter() - t0
+    seqs = [have[i] for i in sorted(have)]
+    info = dict(sequences=len(seqs), generated_tokens_this_run=ntok, seconds_this_run=round(dt, 1),
+                tokens_per_s=round(ntok / dt, 1) if dt > 0 else None,
+                total_tokens=sum(len(s["tokens"]) for s in seqs),
+                trainable_positions=sum(len(s["tokens"]) - max(s["prompt_len"], s["greedy_from"]) for s in seqs),
+                gen_batch=cfg.gen_batch, jobs=len(jobs))
+    done_flag.write_text(json.dumps(info, indent=2))
+    _log(f"data: {info}")
+    return seqs
+
+
+# -- stage 2 --------------------------------------------------------------------------------
+def stage_features(cfg: TrainConfig, model, seqs: list[dict], layers: list[int]) -> tuple[Features, Features]:
+    fdir = Path(cfg.out) / "features"
+    fdir.mkdir(parents=True, exist_ok=True)
+    paths = {n: fdir / f"{n}.pt" for n in ("train", "val")}
+    if all(p.exists() for p in paths.values()):
+        f = {n: Features.load(p) for n, p in paths.items()}
+        if f["train"].layers == layers:
+            return f["train"], f["val"]
+        _log("cached features read other layers: recomputing")
+    # validation: every sequence of a few training prompts (BOS rows by index)
+    groups = sorted({s["source"].rsplit(":", 1)[0] if not s["source"].startswith("bos") else s["source"]
+                     for s in seqs})
+    rng = random.Random(cfg.seed + 1)
+    val_groups = set(rng.sample(groups, max(1, round(len(groups) * cfg.val_frac)))) if cfg.val_frac > 0 else set()
+    key = lambda s: s["source"].rsplit(":", 1)[0] if not s["source"].startswith("bos") else s["source"]  # noqa: E731
+    split = {"train": [s for s in seqs if key(s) not in val_groups], "val": [s for s in seqs if key(s) in val_groups]}
+    out = {}
+    for n, part in split.items():
+        t0 = time.perf_counter()
+        feats = compute_features(model, part, layers, cfg.feature_batch_tokens)
+        dt = time.perf_counter() - t0
+        _log(f"features[{n}]: {len(part)} sequences, {int(feats.offsets[-1])} positions in {dt:.1f} s "
+             f"({int(feats.offsets[-1]) / max(dt, 1e-9):.0f} tok/s)")
+        feats.save(paths[n])
+        out[n] = feats
+    return out["train"], out["val"]
+
+
+# -- stage 3 --------------------------------------------------------------------------------
+def batches_of(feats: Features, batch_tokens: int, rng: random.Random) -> list[list[int]]:
+    """Sequences grouped by length into batches of at most batch_tokens padded positions."""
+    order = sorted(range(feats.num_sequences), key=lambda i: (feats.length(i), rng.random()))
+    out, cur, T = [], [], 0
+    for i in order:
+        n = feats.length(i)
+        if cur and max(T, n) * (len(cur) + 1) > batch_tokens:
+            out.append(cur)
+            cur, T = [], 0
+        cur.append(i)
+        T = max(T, n)
+    if cur:
+        out.append(cur)
+    rng.shuffle(out)
+    return out
+
+
+def batch_loss(drafter, target, b: dict, cfg: TrainConfig, clusters: torch.Tensor, train: bool = True):
+    """Loss of one batch and per-step metrics: step accuracy (inference head proxy)
+    and the chained acceptance (step j counts only if steps 1..j were right)."""
+    k = cfg.draft_steps
+    seq, lab, hid = b["tokens"], b["labels"], b["hidden"]
+    B, T = seq.shape
+    outs = unrolled(drafter, target, seq, hid, b["kv"], k)
+    p = torch.arange(T)
+    row_ok = p[None, :] >= b["train_from"][:, None]  # [B, T]
+    labp = torch.cat([lab, torch.full((B, k), -1, dtype=lab.dtype)], 1)
+    hidp = torch.cat([hid, torch.zeros(B, k, hid.shape[2], dtype=hid.dtype)], 1)
+    weights = [cfg.step_decay ** j for j in range(k)]
+    total = sum(weights)
+    loss = torch.zeros(())
+    metrics = {"acc": [], "n": []}
+    chain = row_ok.clone()
+    for j, (x, h) in enumerate(outs, start=1):
+        lj = labp[:, j:j + T]  # label of row p at step j: the greedy token after position p + j
+        ok = row_ok & (lj >= 0)
+        y = h if drafter.config.tie_output_to_target else x
+        yv, lv = y[ok], lj[ok]
+        if lv.numel() == 0:
+            metrics["acc"].append(0.0)
+            metrics["n"].append(0)
+            continue
+        l, correct = head_loss(drafter, target, yv, lv, clusters, cfg.extra_clusters, cfg.centroid_weight)
+        if not train:  # exactly the inference head's argmax
+            correct = inference_correct(drafter, target, yv, lv)
+        if cfg.hidden_weight > 0:
+            ht = hidp[:, j:j + T][ok].float()
+            l = l + cfg.hidden_weight * ((h[ok] - ht) ** 2).mean() / (ht ** 2).mean().clamp_min(1e-6)
+        loss = loss + weights[j - 1] / total * l
+        full_correct = torch.zeros(B, T, dtype=torch.bool)
+        full_correct[ok] = correct
+        chain = chain & full_correct
+        metrics["acc"].append(float(correct.float().mean()))
+        metrics["n"].append(int(ok.sum()))
+        metrics.setdefault("chain", []).append(int((chain & row_ok).sum()))
+    metrics["rows"] = int(row_ok.sum())
+    return loss, metrics
+
+
+def lr_at(it: int, total: int, cfg: TrainConfig) -> float:
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / cfg.warmup_iters
+    t = min(1.0, (it - cfg.warmup_iters) / max(1, total - cfg.warmup_iters))
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@torch.no_grad()
+def validate(drafter, target, val: Features, cfg: TrainConfig, clusters) -> dict:
+    """Held-out teacher-forced metrics with the inference head: per-step accuracy,
+    acceptance by position (chained) and the tau this implies at k = draft_steps."""
+    if val.num_sequences == 0:
+        return {}
+    # a fixed subset of about val_positions trained positions (the exact head is costly)
+    idx, n = [], 0
+    for i in range(val.num_sequences):
+        if n >= cfg.val_positions:
+            break
+        idx.append(i)
+        n += val.length(i) - int(val.train_from[i])
+    rows = 0
+    acc_n = [0] * cfg.draft_steps
+    acc_c = [0] * cfg.draft_steps
+    chain = [0] * cfg.draft_steps
+    for b in range(0, len(idx), 8):
+        _, m = batch_loss(drafter, target, val.batch(idx[b:b + 8]), cfg, clusters, train=False)
+        rows += m["rows"]
+        for j in range(len(m["acc"])):
+            acc_n[j] += m["n"][j]
+            acc_c[j] += m["acc"][j] * m["n"][j]
+            chain[j] += m["chain"][j] if j < len(m.get("chain", [])) else 0
+    acc = [c / n if n else 0.0 for c, n in zip(acc_c, acc_n)]
+    accept = [c / rows if rows else 0.0 for c in chain]
+    return {"val_step_acc": [round(a, 4) for a in acc], "val_accept_by_pos": [round(a, 4) for a in accept],
+            "val_tau": round(1 + sum(accept), 4)}
+
+
+def _trainable(drafter):
+    params = [p for n, p in drafter.named_parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return decay, no_decay
+
+
+def save_drafter(drafter, path: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Save a copy with matrices in `dtype` (norm scales and the ordering stay exact)."""
+    import copy
+
+    d = copy.deepcopy(drafter)
+    for p in d.parameters():
+        p.requires_grad_(False)
+        if p.ndim > 1:
+            p.data = p.data.to(dtype)
+    return d.save(path)
+
+
+def stage_train(cfg: TrainConfig, target, train: Features, val: Features):
+    from tqdm import tqdm
+
+    out = Path(cfg.out)
+    final = out / "drafter"
+    if (final / "config.json").exists():
+        from ..drafters.mtp import MTPDrafter
+
+        return MTPDrafter.load(final)
+    torch.manual_seed(cfg.seed)
+    drafter = new_drafter(target, drafter_settings(target, cfg), cfg.seed)
+    if not (out / "untrained" / "config.json").exists():
+        save_drafter(drafter, out / "untrained")
+    clusters = cluster_of(drafter) if drafter.config.use_ordered_embeddings else None
+    decay, no_decay = _trainable(drafter)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    rng = random.Random(cfg.seed)
+    per_epoch = len(batches_of(train, cfg.batch_tokens, random.Random(0)))
+    total = cfg.max_iters or max(1, int(cfg.epochs * per_epoch))
+    it, log = 0, []
+    ck = out / "ckpt.pt"
+    if ck.exists():
+        s = torch.load(ck, weights_only=False)
+        drafter.load_state_dict(s["drafter"])
+        opt.load_state_dict(s["opt"])
+        it, total, log = s["it"], s["total"], s["log"]
+        rng.setstate(s["rng"])
+        torch.set_rng_state(s["torch_rng"])
+        _log(f"resumed at iteration {it}/{total}")
+    sized = bool(ck.exists()) or not cfg.train_budget_s
+    t_start = time.perf_counter()
+    it0 = it
+    queue: list[list[int]] = []
+    bar = tqdm(total=total, initial=it, desc="train", dynamic_ncols=True)
+    ema = None
+    deadline = deadline_ts(cfg.train_deadline)
+    cap = total
+    times: list[float] = []
+    while it < total:
+        t_it = time.perf_counter()
+        if deadline is not None:
+            left = deadline - time.time()
+            if left <= 0:
+                _log(f"train deadline {cfg.train_deadline} reached at iteration {it}")
+                total = it
+                break
+            if len(times) >= 3:  # median iteration time: a paused iteration does not count
+                per_it = sorted(times[-30:])[len(times[-30:]) // 2]
+                total = max(it + 1, min(cap, it + int(left / per_it)))
+                bar.total = total
+        if (out / "STOP").exists():  # `touch OUT/STOP`: end training now, keep what was learned
+            _log(f"STOP file found: ending training at iteration {it}/{total}")
+            total = it
+            break
+        if not queue:
+            queue = batches_of(train, cfg.batch_tokens, rng)
+        idx = queue.pop()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(it, total, cfg)
+        loss, m = batch_loss(drafter, target, train.batch(idx), cfg, clusters)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(decay + no_decay, cfg.grad_clip)
+        opt.step()
+        it += 1
+        times.append(time.perf_counter() - t_it)
+        lv = float(loss.detach())
+        ema = lv if ema is None else 0.95 * ema + 0.05 * lv
+        bar.update(1)
+        post = {"loss": round(ema, 3), "acc1": round(m["acc"][0], 3), "lr": f"{opt.param_groups[0]['lr']:.1e}"}
+        if not sized and it - it0 == 5:  # size the cosine schedule to the time budget
+            per_it = (time.perf_counter() - t_start) / 5
+            total = max(it + 1, min(total, int(cfg.train_budget_s / per_it)))
+            bar.total = total
+            sized = True
+            _log(f"{per_it:.2f} s/iteration: {total} iterations ({total / per_epoch:.2f} epochs of {per_epoch})")
+        if it % cfg.eval_every == 0 or it == total:
+            v = validate(drafter, target, val, cfg, clusters)
+            log.append({"it": it, "loss": round(ema, 4), "s": round(time.perf_counter() - t_start, 1), **v})
+            post.update(val_acc1=v.get("val_step_acc", [0])[0], val_tau=v.get("val_tau"))
+            bar.write(json.dumps(log[-1]))
+        bar.set_postfix(post)
+        if it % cfg.ckpt_every == 0 or it == total:
+            torch.save({"drafter": drafter.state_dict(), "opt": opt.state_dict(), "it": it, "total": total,
+                        "log": log, "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, ck)
+    bar.close()
+    (out / "STOP").unlink(missing_ok=True)
+    for p in drafter.parameters():
+        p.requires_grad_(False)
+    info = {"iterations": total, "epochs": round(total / per_epoch, 3), "train_seconds_this_run":
+            round(time.perf_counter() - t_start, 1), "train_positions": int(train.offsets[-1]),
+            "params": sum(p.numel() for p in drafter.parameters()), "log": log,
+            "drafter": drafter_settings(target, cfg)}
+    save_drafter(drafter, final)
+    (out / "train_log.json").write_text(json.dumps(info, indent=2))
+    return drafter
+
+
+def tune_top_k(cfg: TrainConfig, target, val: Features) -> dict:
+    """Pick the drafter's centroid top-k (clusters searched per step): each cluster
+    costs gather + dot work in every drafting step, so keep the smallest k whose
+    held-out teacher-forced tau is within `top_k_tolerance` of the largest k's.
+    Rewrites drafter/config.json; recorded in train_log.json (done once)."""
+    from ..drafters.mtp import MTPDrafter
+
+    out = Path(cfg.out)
+    log_path = out / "train_log.json"
+    info = json.loads(log_path.read_text()) if log_path.exists() else {}
+    if "top_k_tuning" in info or val.num_sequences == 0:
+        return info.get("top_k_tuning", {})
+    drafter = MTPDrafter.load(out / "drafter")
+    c = drafter.config
+    if not c.use_ordered_embeddings:
+        return {}
+    clusters = cluster_of(drafter)
+    cands = sorted({k for k in (4, 8, 16, 32, c.centroid_intermediate_top_k) if k <= c.num_centroids})
+    taus = {}
+    for k in cands:
+        c.centroid_intermediate_top_k = k
+        taus[k] = validate(drafter, target, val, cfg, clusters).get("val_tau", 1.0)
+        _log(f"top-k {k}: held-out teacher-forced tau {taus[k]}")
+    best = max(taus.values())
+    chosen = min(k for k, t in taus.items() if t >= best - cfg.top_k_tolerance)
+    cfg_path = out / "drafter" / "config.json"
+    dc = json.loads(cfg_path.read_text())
+    dc["centroid_intermediate_top_k"] = chosen
+    cfg_path.write_text(json.dumps(dc, indent=2))
+    res = {"val_tau_by_top_k": {str(k): t for k, t in taus.items()}, "chosen": chosen}
+    info["top_k_tuning"] = res
+    log_path.write_text(json.dumps(info, indent=2))
+    _log(f"centroid top-k: {chosen}")
+    return res
+
+
+# -- stage 4 --------------------------------------------------------------------------------
+def stage_eval(cfg: TrainConfig, heldout: list[dict]) -> dict:
+    from .. import load
+    from ..drafters import NgramDrafter, make_drafter
+    from ..drafters.combined import CombinedDrafter
+    from .evaluate import evaluate
+
+    out = Path(cfg.out)
+    path = out / "eval.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    model, tok = load(cfg.model, cfg.dtype)
+    prompts = [tok(p["prompt"]).input_ids[: cfg.max_prompt_tokens] for p in heldout[: cfg.eval_prompts]]
+    mtp = make_drafter(str(out / "drafter"), model)
+    untrained = make_drafter(str(out / "untrained"), model)
+    drafters = {
+        "plain": lambda: None,
+        "mtp": lambda: mtp,
+        "ngram": lambda: NgramDrafter(),
+        "combined": lambda: CombinedDrafter(mtp, min_match=cfg.min_match),
+        "mtp_untrained": lambda: untrained,
+    }
+    res = evaluate(model, tok, prompts, drafters, cfg.eval_new_tokens, cfg.draft_len,
+                   only_first={"mtp_untrained": cfg.eval_untrained_prompts})
+    res.update(model=cfg.model, dtype=cfg.dtype, heldout_prompt_ids=[p["id"] for p in heldout[: cfg.eval_prompts]])
+    path.write_text(json.dumps(res, indent=2))
+    return res
+
+
+def run(cfg: TrainConfig) -> dict:
+    from .. import load
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    prompts = load_prompts(cfg.prompts_file)
+    if cfg.max_prompts:
+        prompts = prompts[: cfg.max_prompts]
+    train_prompts, heldout = split_prompts(prompts, cfg.heldout_frac, cfg.seed)
+    (out / "split.json").write_text(json.dumps({"train": [p["id"] for p in train_prompts],
+                                                "heldout": [p["id"] for p in heldout]}, indent=1))
+    model, tok = load(cfg.model, cfg.dtype)
+    _log(f"target {cfg.model} ({cfg.dtype}); {len(train_prompts)} training prompts, {len(heldout)} held out")
+    t0 = time.perf_counter()
+    seqs = stage_data(cfg, model, tok, train_prompts)
+    layers = sorted(set(source_layers(list(cfg.layer_types), model)))
+    t1 = time.perf_counter()
+    train, val = stage_features(cfg, model, seqs, layers)
+    t2 = time.perf_counter()
+    stage_train(cfg, model, train, val)
+    tune_top_k(cfg, model, val)
+    t3 = time.perf_counter()
+    del train, val
+    res = stage_eval(cfg, heldout)
+    t4 = time.perf_counter()
+    _log(f"stage seconds this run: data {t1 - t0:.0f}, features {t2 - t1:.0f}, train {t3 - t2:.0f}, eval {t4 - t3:.0f}")
+    return res
+
+
+def ship(cfg: TrainConfig, dest: str | Path) -> bool:
+    """Copy the trained drafter to dest with a model card, only if it beat the untrained one."""
+    out = Path(cfg.out)
+    ev = json.loads((out / "eval.json").read_text())
+    c = ev["configs"]
+    if c["mtp"]["tau"] <= c["mtp_untrained"]["tau"]:
+        _log(f"not shipped: tau {c['mtp']['tau']} <= untrained {c['mtp_untrained']['tau']}")
+        return False
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(out / "drafter" / f, dest / f)
+    (dest / "README.md").write_text(model_card(cfg, ev))
+    _log(f"shipped to {dest}")
+    return True
+
+
+def model_card(cfg: TrainConfig, ev: dict) -> str:
+    out = Path(cfg.out)
+    data = json.loads((out / "data" / "DONE.json").read_text())
+    tl = json.loads((out / "train_log.json").read_text())
+    dcfg = json.loads((out / "drafter" / "config.json").read_text())
+    rows = []
+    for n, r in ev["configs"].items():
+        acc = ", ".join(f"{a:.2f}" for a in r["acceptance_by_position"]) or "-"
+        rows.append(f"| {n} | {r['prompts']} | {r['tau']:.2f} | {acc} | {r['decode_tokens_per_s']:.1f} | "
+                    f"{r.get('speedup_vs_plain', 1.0):.2f} | {r.get('greedy_equal_to_plain', '-')} |")
+    size = (out / "drafter" / "model.safetensors").stat().st_size / 1e6
+    return f"""# MTP drafter for {cfg.model}
+
+A multi-token-prediction drafter in mtpdraft's format (`model_type: mtpdraft_mtp`),
+trained by `mtpdraft train` on text the target wrote itself. Load it with
+`--drafter auto` (it is the shipped drafter of `{cfg.model}`) or
+`mtpdraft.drafters.make_drafter(PATH, target)`.
+
+## Architecture
+- {len(dcfg['layer_types'])} query-only layer(s) ({', '.join(dcfg['layer_types'])}), width {dcfg['hidden_size']},
+  MLP {dcfg['intermediate_size']}, {dcfg['num_attention_heads']} query heads over the target's cached K/V
+  (no cache of its own); input: [target embedding of the last token, last hidden state].
+- Output head: the target's own output embeddings (`tie_output_to_target`), read by the
+  post-projected state h' (width {dcfg['backbone_hidden_size']}); clustered: {dcfg['num_centroids']} equal clusters
+  of the target's output-embedding rows (balanced recursive bisection), the top
+  {dcfg['centroid_intermediate_top_k']} scored by the centroids are searched for the argmax.
+- {tl['params']:,} parameters; weights stored in bf16 ({size:.1f} MB).
+
+## Training
+- Data: {data['sequences']} sequences ({data['total_tokens']:,} tokens, {data['trainable_positions']:,} trained positions),
+  written by the target ({cfg.dtype}) from the project's prompt set
+  (`mtpdraft/data/train_prompts.jsonl`, held-out prompts excluded) and from BOS: greedy
+  continuations, many after {cfg.sample_first} tokens sampled at temperature {cfg.temperature}; {cfg.new_tokens} new tokens each.
+- Objective: {cfg.draft_steps}-step unrolled teacher-forced drafting (the drafter's own h carried
+  between steps), cross-entropy on the target's greedy tokens with a reduced softmax
+  (label cluster + {cfg.extra_clusters} competing clusters) + centroid cross-entropy
+  + {cfg.hidden_weight} x relative MSE of h' to the target's next hidden state; step weights {cfg.step_decay}^(j-1).
+- {tl['iterations']} AdamW iterations ({tl['epochs']} epochs), lr {cfg.lr} cosine, seed {cfg.seed}.
+
+## Evaluation (held-out prompts, greedy, real speculative loop, {ev['dtype']}, k={ev['draft_len']}, {ev['new_tokens']} new tokens)
+
+| drafter | prompts | tau | acceptance by position | decode tok/s | vs plain | greedy == plain |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+`combined` = n-gram lookup when it continues a match of >= {cfg.min_match} tokens, else this drafter.
+Measured on a shared 2-core CPU; timings are noisy. Base-model greedy text loops a lot, which is
+where prompt lookup (n-gram) is hard to beat.
+"""

@@ -1,0 +1,170 @@
+"""Drafter training: the training forward is the inference drafting step, `train
+--quick` runs end to end and learns, the combined drafter stays lossless."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mtpdraft import load
+from mtpdraft.config import SamplingParams, SpecParams, Stats
+from mtpdraft.decoding.engine import generate
+from mtpdraft.drafters import NgramDrafter, make_drafter
+from mtpdraft.drafters.combined import CombinedDrafter
+from mtpdraft.testing import tiny_model_dir
+from mtpdraft.train.features import compute_features
+from mtpdraft.train.model import balanced_clusters, head_loss, cluster_of, new_drafter, source_layers, unrolled
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tiny_model_dir(tmp_path_factory.mktemp("tiny_train") / "gemma3", "gemma3_text")
+    model, tok = load(str(d), "fp32")
+    return d, model, tok
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is faster and immune to a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _randomized(model, layer_types, seed=1):
+    d = new_drafter(model, dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, layer_types=layer_types,
+                                num_centroids=32, centroid_intermediate_top_k=8, tie_output_to_target=True), 0)
+    g = torch.Generator().manual_seed(seed)
+    for _, p in d.named_parameters():  # large enough that every layer matters
+        p.data = torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.1)
+    return d
+
+
+@pytest.mark.parametrize("layer_types", [["full_attention"], ["sliding_attention", "full_attention"]])
+def test_training_forward_equals_inference_steps(tiny, one_thread, layer_types):
+    _, model, _ = tiny
+    dr = _randomized(model, layer_types)
+    g = torch.Generator().manual_seed(3)
+    seq = torch.randint(4, 300, (30,), generator=g).tolist()  # longer than the sliding window (8)
+    layers = sorted(set(source_layers(dr, model)))
+    f = compute_features(model, [dict(tokens=seq, prompt_len=1)], layers, dtype=torch.float32)
+    b = f.batch([0])
+    kv = [b["kv"][layers.index(i)] for i in source_layers(dr, model)]
+    k = 3
+    with torch.no_grad():
+        outs = unrolled(dr, model, b["tokens"], b["hidden"], kv, k)
+    for p in [0, 4, 9, 17, 26]:
+        cache = model.new_cache(1, 64, 64)
+        out = model(torch.tensor([seq[:p + 1]]), cache, logits="none")
+        h = out.hidden[0, -1][None]
+        srcs, pos = dr.sources(model, cache), torch.tensor([[p]])
+        for j in range(1, k + 1):
+            if p + j >= len(seq):
+                break
+            ids, logits, h = dr.step(model, torch.tensor([seq[p + j]]), h, pos, srcs)
+            x_t, h_t = outs[j - 1]
+            torch.testing.assert_close(h[0], h_t[0, p], atol=1e-4, rtol=1e-4)
+            # the same clustered head on the training state picks the same token
+            top = dr.masked_embedding.centroids(h_t[0, p][None]).topk(8, -1).indices
+            ids_t = dr.masked_embedding.token_ordering.view(32, -1)[top].flatten(1)
+            assert torch.equal(ids, ids_t)
+
+
+def test_balanced_clusters_and_head_loss(tiny, one_thread):
+    _, model, _ = tiny
+    order = balanced_clusters(model.head_weight, 32)
+    assert sorted(order.tolist()) == list(range(model.vocab_size))  # a permutation: equal-size clusters
+    dr = _randomized(model, ["full_attention"])
+    for p in dr.parameters():
+        p.requires_grad_(True)
+    y = torch.randn(20, model.args.hidden_size)
+    labels = torch.randint(0, model.vocab_size, (20,))
+    loss, correct = head_loss(dr, model, y, labels, cluster_of(dr), extra_clusters=2)
+    loss.backward()
+    assert torch.isfinite(loss) and correct.shape == (20,)
+    assert dr.masked_embedding.centroids.weight.grad is not None
+
+
+def _tau(model, prompts, drafter_factory, n=32):
+    st = Stats()
+    outs = []
+    for ids in prompts:
+        s = Stats()
+        outs.append(list(generate(model, ids, SamplingParams(max_new_tokens=n), drafter=drafter_factory(),
+                                  spec=SpecParams(draft_len=4), stats=s)))
+        st.decode_tokens += s.decode_tokens
+        st.cycles += s.cycles
+    return st.mean_accepted_tokens, outs
+
+
+def test_train_quick_end_to_end(tiny, tmp_path, one_thread):
+    from mtpdraft.cli import main
+
+    path, model, tok = tiny
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(path), "--dtype", "fp32", "--out", str(out), "--quick"]) == 0
+    for f in ("data/sequences.jsonl", "features/train.pt", "drafter/config.json", "drafter/model.safetensors",
+              "untrained/config.json", "eval.json", "train_log.json"):
+        assert (out / f).exists(), f
+    ev = json.loads((out / "eval.json").read_text())
+    for name in ("mtp", "ngram", "combined", "mtp_untrained"):
+        r = ev["configs"][name]
+        assert r["greedy_equal_to_plain"].split("/")[0] == r["greedy_equal_to_plain"].split("/")[1]
+    trained = make_drafter(str(out / "drafter"), model)
+    untrained = make_drafter(str(out / "untrained"), model)
+    # tau on the training distribution: the training prompts' greedy continuations
+    split = json.loads((out / "split.json").read_text())
+    from mtpdraft.train.data import load_prompts
+
+    by_id = {p["id"]: p for p in load_prompts()}
+    prompts = [tok(by_id[i]["prompt"]).input_ids[:96] for i in split["train"][:6]]
+    tau_after, outs_after = _tau(model, prompts, lambda: trained)
+    tau_before, outs_before = _tau(model, prompts, lambda: untrained)
+    _, outs_plain = _tau(model, prompts, lambda: None)
+    assert outs_after == outs_plain == outs_before
+    assert tau_after > tau_before, (tau_after, tau_before)
+    # resuming a finished run redoes nothing
+    assert main(["train", "--model", str(path), "--dtype", "fp32", "--out", str(out), "--quick"]) == 0
+
+
+def test_combined_drafter_is_lossless(tiny, one_thread):
+    _, model, tok = tiny
+    dr = _randomized(model, ["full_attention"])
+    from mtpdraft.drafters.mtp import MTPDraftSource
+
+    mtp = MTPDraftSource(dr)
+    for text in ["abcabcabcabc", "The quick brown fox. The quick brown fox.", "hello world"]:
+        ids = tok(text).input_ids
+        sp = SamplingParams(max_new_tokens=40)
+        plain = list(generate(model, ids, sp))
+        comb = CombinedDrafter(mtp, min_match=2)
+        st = Stats()
+        got = list(generate(model, ids, sp, drafter=comb, spec=SpecParams(draft_len=4), stats=st))
+        assert got == plain
+        assert comb.rounds["ngram"] + comb.rounds["mtp"] > 0
+    # n-gram drafts take precedence on a repeated >= 2-token suffix
+    from mtpdraft.drafters.base import DraftContext
+
+    comb = CombinedDrafter(mtp, min_match=2)
+    cache = model.new_cache(1, 64, 64)
+    toks = [5, 6, 7, 8, 5, 6]
+    out = model(torch.tensor([toks[:-1]]), cache, logits="none")
+    d = comb.propose(DraftContext(toks, out.hidden[0, -1], model, cache), 3)
+    assert d.tokens == [7, 8, 5] and comb.last == "ngram"
+    ng = NgramDrafter()
+    assert ng.propose(DraftContext(toks, out.hidden[0, -1], model, cache), 3).tokens == [7, 8, 5]
+
+
+def test_batched_data_generation_equals_plain_greedy(tiny, one_thread):
+    from mtpdraft.train.data import Job, generate_batch
+
+    _, model, tok = tiny
+    prompts = [tok(t).input_ids for t in ["abc", "a longer prompt here", "xyz xyz", "q"]]
+    jobs = [Job(p, 20) for p in prompts] + [Job(prompts[0], 12, temperature=1.0, seed=3, sample_first=4)]
+    seqs = generate_batch(model, jobs, eos_ids=set())
+    for p, s in zip(prompts, seqs):
+        assert s == p + list(generate(model, p, SamplingParams(max_new_tokens=20, ignore_eos=True)))
+    assert len(seqs[-1]) == len(prompts[0]) + 12
