@@ -21,20 +21,8 @@ class CombinedDrafter:
         self.last = ""  # which drafter proposed the last round: "ngram" | "mtp" | ""
         self.rounds = {"ngram": 0, "mtp": 0}
 
-    def _ngram_match(self, ctx: DraftContext, k: int) -> Draft:
-        ng = self.ngram
-        ng._sync(ctx.tokens)
-        toks = ng._tokens
-        for n in range(ng.max_ngram, self.min_match - 1, -1):
-            if len(toks) < n:
-                continue
-            start = ng._index.get(tuple(toks[-n:]))
-            if start is not None:
-                return Draft(toks[start:start + k])
-        return Draft([])
-
     def propose(self, ctx: DraftContext, k: int) -> Draft:
-        d = self._ngram_match(ctx, k)
+        d = Draft(self.ngram.lookup(ctx.tokens, k, self.min_match))
         if d.tokens:
             self.last = "ngram"
         else:

@@ -26,16 +26,20 @@ class NgramDrafter:
                 if end - n >= 0:
                     self._index[tuple(tokens[end - n:end])] = end
 
-    def propose(self, ctx: DraftContext, k: int) -> Draft:
-        self._sync(ctx.tokens)
+    def lookup(self, tokens: list[int], k: int, min_ngram: int | None = None) -> list[int]:
+        """Up to k tokens continuing the longest suffix match of at least min_ngram tokens."""
+        self._sync(tokens)
         toks = self._tokens
-        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+        for n in range(self.max_ngram, (min_ngram or self.min_ngram) - 1, -1):
             if len(toks) < n:
                 continue
             start = self._index.get(tuple(toks[-n:]))
             if start is not None:
-                return Draft(toks[start:start + k])
-        return Draft([])
+                return toks[start:start + k]
+        return []
+
+    def propose(self, ctx: DraftContext, k: int) -> Draft:
+        return Draft(self.lookup(ctx.tokens, k))
 
     def observe(self, accepted: int, proposed: int) -> None:
         pass

@@ -1,9 +1,10 @@
 """Train an MTP drafter for a target model, on text the target writes itself.
 
     export MTPDRAFT_CACHE=/tmp/mtp/cache
-    # the shipped gemma-3-270m drafter (~55 min on 2 cores; every stage resumes)
+    # a gemma-3-270m drafter (every stage resumes; budgets are wall-clock seconds, or
+    # give deadlines: --set data_deadline='"04:22"' --set train_deadline='"04:44"')
     mtpdraft train --model gemma-3-270m --out /tmp/mtp/train/gemma-3-270m \\
-        --data-budget-s 1200 --train-budget-s 1800
+        --data-budget-s 3600 --train-budget-s 3600
     # copy it into the package if it beats the untrained drafter
     mtpdraft train --model gemma-3-270m --out /tmp/mtp/train/gemma-3-270m \\
         --ship mtpdraft/drafters/shipped/gemma-3-270m
@@ -409,7 +410,7 @@ def stage_train(cfg: TrainConfig, target, train: Features, val: Features):
     it, log = 0, []
     ck = out / "ckpt.pt"
     if ck.exists():
-        s = torch.load(ck, weights_only=False)
+        s = torch.load(ck, weights_only=True)  # tensors and plain Python values only: never unpickle code
         drafter.load_state_dict(s["drafter"])
         opt.load_state_dict(s["opt"])
         it, total, log = s["it"], s["total"], s["log"]
