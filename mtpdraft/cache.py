@@ -81,6 +81,14 @@ class KVCache:
         for r in range(self.batch) if rows is None else rows:
             self.lengths[r] += n
 
+    def rows(self, lo: int, hi: int) -> "KVCache":
+        """A cache over rows lo..hi-1 that shares these buffers (writes land here too).
+        Its lengths are a copy: the caller writes them back after a forward."""
+        view = KVCache([LayerCache(l.k[lo:hi], l.v[lo:hi], l.window) for l in self.layers], self.max_len,
+                       self.max_chunk)
+        view.lengths = self.lengths[lo:hi]
+        return view
+
     def truncate(self, row: int, length: int) -> None:
         """Roll row back to `length` tokens (O(1): later writes overwrite the rest)."""
         if not 0 <= length <= self.lengths[row]:

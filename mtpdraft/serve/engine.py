@@ -35,7 +35,6 @@ from typing import Callable
 
 import torch
 
-from ..cache import KVCache, LayerCache
 from ..config import SamplingParams, SpecParams, Stats
 from ..decoding.engine import eos_ids_of
 from ..decoding.stops import StopChecker
@@ -154,12 +153,6 @@ class BatchEngine:
         return len(self.pending)
 
     # -- cache views -----------------------------------------------------------------------
-    def _view(self, lo: int, hi: int) -> KVCache:
-        c = self.cache
-        v = KVCache([LayerCache(l.k[lo:hi], l.v[lo:hi], l.window) for l in c.layers], c.max_len, c.max_chunk)
-        v.lengths = c.lengths[lo:hi]
-        return v
-
     def _move_row(self, src: int, dst: int) -> None:
         for l in self.cache.layers:
             l.k[dst].copy_(l.k[src])
@@ -253,7 +246,7 @@ class BatchEngine:
         r.stats.prompt_tokens = len(r.tokens)
         slot = len(self.active)
         self.cache.lengths[slot] = 0
-        view = self._view(slot, slot + 1)
+        view = self.cache.rows(slot, slot + 1)
         t0 = time.perf_counter()
         out = self.model.prefill(torch.tensor([r.tokens]), view)
         self.cache.lengths[slot] = view.lengths[0]
@@ -302,7 +295,7 @@ class BatchEngine:
             k = min(r.k, room, cap)
             d = Draft([])
             if r.drafter is not None and k > 0:
-                ctx = DraftContext(r.tokens, r.hidden, self.model, self._view(i, i + 1), 0)
+                ctx = DraftContext(r.tokens, r.hidden, self.model, self.cache.rows(i, i + 1), 0)
                 d = r.drafter.propose(ctx, k)
                 d = Draft(list(d.tokens[:k]), None if d.probs is None else d.probs[:k])
             drafts.append(d)
@@ -312,7 +305,7 @@ class BatchEngine:
         for i, (r, d) in enumerate(zip(rows, drafts)):
             row = [r.tokens[-1]] + d.tokens
             inp[i, :len(row)] = torch.tensor(row)  # the rest is padding (token 0), rolled back below
-        view = self._view(0, B)
+        view = self.cache.rows(0, B)
         base = list(view.lengths)
         out = self.model(inp, view, logits="all")
         t2 = time.perf_counter()

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from ..cache import KVCache, LayerCache
 from ..models.base import CausalLM
 
 PROMPTS_FILE = Path(__file__).resolve().parent.parent / "data" / "train_prompts.jsonl"
@@ -60,12 +59,6 @@ class Job:
     sample_first: int = 0
 
 
-def row_view(cache: KVCache, lo: int, hi: int) -> KVCache:
-    v = KVCache([LayerCache(l.k[lo:hi], l.v[lo:hi], l.window) for l in cache.layers], cache.max_len, cache.max_chunk)
-    v.lengths = cache.lengths[lo:hi]
-    return v
-
-
 @torch.inference_mode()
 def generate_batch(model: CausalLM, jobs: list[Job], eos_ids: set[int], fast_head: bool = False) -> list[list[int]]:
     """Write one sequence per job (prompt + continuation, cut after the first EOS).
@@ -94,7 +87,7 @@ def generate_batch(model: CausalLM, jobs: list[Job], eos_ids: set[int], fast_hea
 
     head = model.head_weight.to(torch.bfloat16) if fast_head else None
     for i, j in enumerate(jobs):  # per-row prefill on the B=1 view of row i
-        view = row_view(cache, i, i + 1)
+        view = cache.rows(i, i + 1)
         out = model.prefill(torch.tensor([j.prompt]), view)
         cache.lengths[i] = view.lengths[0]
         last[i, 0] = pick(i, out.logits[0, -1])
