@@ -22,15 +22,11 @@ from .cache import LayerCache
 INVARIANT_MAX_ROWS = 64
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x: [..., K] fp32, w: [O, K] -> [..., O] fp32."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] <= INVARIANT_MAX_ROWS:
-        y = kernels.linear(x2.contiguous(), w)
-    else:
-        y = F.linear(x2, w.float())
-    return y.reshape(*lead, w.shape[0])
+def linear(x: torch.Tensor, w: "torch.Tensor | kernels.Packed") -> torch.Tensor:
+    """x: [..., K] fp32, w: [O, K] (or packed) -> [..., O] fp32."""
+    if x.numel() <= INVARIANT_MAX_ROWS * x.shape[-1]:
+        return kernels.linear(x, w)
+    return F.linear(x, (w.source if isinstance(w, kernels.Packed) else w).float())
 
 
 class Linear(nn.Module):
@@ -39,9 +35,13 @@ class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.packed = None  # set by pack(): the same weight in the GEMV's streaming layout
+
+    def pack(self) -> None:
+        self.packed = kernels.pack(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+        return linear(x, self.packed if self.packed is not None else self.weight)
 
 
 def fuse_weights(*layers: Linear) -> torch.Tensor:
@@ -62,18 +62,21 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj = Linear(hidden, inter), Linear(hidden, inter)
         self.down_proj = Linear(inter, hidden)
-        self.act = {"gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu}[act]
+        if act not in kernels.ACTS:
+            raise ValueError(f"unsupported activation {act!r}")
+        self.act = act
         self.gate_up = None
 
     def fuse(self) -> None:
-        self.gate_up = fuse_weights(self.gate_proj, self.up_proj)
+        self.gate_up = kernels.pack(fuse_weights(self.gate_proj, self.up_proj))
+        self.down_proj.pack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
-            gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
+            gu = linear(x, self.gate_up)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(self.act(gate) * up)
+            gu = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
+        return self.down_proj(kernels.gated_act(gu, self.act))
 
 
 class RMSNorm(nn.Module):
@@ -85,8 +88,7 @@ class RMSNorm(nn.Module):
         self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.weight.float() + self.offset if self.offset else self.weight.float()
-        return F.rms_norm(x.float(), (x.shape[-1],), scale, self.eps)
+        return kernels.rmsnorm(x.float(), self.weight, self.eps, self.offset)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
@@ -127,25 +129,11 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor)
     return rotate(x, *rope_tables(positions, inv_freq))
 
 
-class Rope:
-    """RoPE frequencies shared by the layers that use them; the cos/sin tables of the
-    current forward are computed once and reused by every such layer."""
-
-    def __init__(self, inv_freq: torch.Tensor):
-        self.inv_freq = inv_freq
-        self._positions = self._tables = None
-
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if positions is not self._positions:  # a new forward (we hold the old tensor, so `is` is safe)
-            self._positions, self._tables = positions, rope_tables(positions, self.inv_freq)
-        return rotate(x, *self._tables)
-
-
 class Attention(nn.Module):
     """GQA self-attention over the layer's cache; optional per-head q/k norms (Gemma)."""
 
     def __init__(self, *, hidden: int, heads: int, kv_heads: int, head_dim: int, scale: float,
-                 window: int, rope: Rope, qk_norm_eps: float | None = None,
+                 window: int, inv_freq: torch.Tensor, qk_norm_eps: float | None = None,
                  norm_offset: float = 0.0, softcap: float = 0.0):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
@@ -159,33 +147,29 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(head_dim, qk_norm_eps, norm_offset)
         else:
             self.q_norm = self.k_norm = None
-        self.rope = rope
+        self.inv_freq = inv_freq  # RoPE frequencies, fp32 [head_dim / 2] (may be shared by layers)
         self.qkv = None  # fused [q; k; v] weight, set by fuse()
-
-    @property
-    def inv_freq(self) -> torch.Tensor:
-        return self.rope.inv_freq
 
     def fuse(self) -> None:
         """One weight for q, k and v: one kernel call instead of three. Each output
         element is still its own fixed-order dot product, so results are unchanged;
-        the separate weights become views of the fused one (no extra memory)."""
-        self.qkv = fuse_weights(self.q_proj, self.k_proj, self.v_proj)
+        the separate weights become views of the fused one. The projections are then
+        packed for the streaming GEMV (a second, packed copy of the weights)."""
+        self.qkv = kernels.pack(fuse_weights(self.q_proj, self.k_proj, self.v_proj))
+        self.o_proj.pack()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         B, N, _ = x.shape
-        nq, nkv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         if self.qkv is not None:
-            q, k, v = linear(x, self.qkv).split([nq, nkv, nkv], dim=-1)
+            qkv = linear(x, self.qkv)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(B, N, self.heads, self.head_dim)
-        k = k.reshape(B, N, self.kv_heads, self.head_dim)
-        v = v.reshape(B, N, self.kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(q, positions), self.rope(k, positions)
-        cache.write(k, v, positions)
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        # q/k norms, RoPE and the cache write in one native call
+        qn, kn = self.q_norm, self.k_norm
+        q = kernels.qkv_rope_cache(qkv, positions, self.heads, self.kv_heads,
+                                   qn.weight if qn is not None else None, kn.weight if kn is not None else None,
+                                   qn.eps if qn is not None else 0.0, qn.offset if qn is not None else 0.0,
+                                   self.inv_freq, cache.k, cache.v)
         out = kernels.attention(q, cache.k, cache.v, positions, window=self.window,
                                 scale=self.scale, softcap=self.softcap)
         return self.o_proj(out.reshape(B, N, self.heads * self.head_dim))

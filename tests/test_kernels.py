@@ -150,3 +150,107 @@ def test_attention_matches_reference_random_positions():
     got = K.attention(q, kc, vc, pos, scale=0.125, softcap=20.0)
     ref = K.reference_attention(q, kc, vc, pos, scale=0.125, softcap=20.0)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# packed weights: same bits as the row-major kernel, for any row count
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("O,Kd", [(1, 16), (4, 32), (7, 640), (131, 576), (1001, 64)])
+def test_packed_linear_identical_to_unpacked(dtype, O, Kd):
+    g = _gen(O + 5 * Kd)
+    w = torch.randn(O, Kd, generator=g).to(dtype)
+    wp = K.pack(w)
+    assert isinstance(wp, K.Packed) and wp.shape == w.shape
+    x = torch.randn(9, Kd, generator=g)
+    for n in range(1, 10):  # the packed path (n <= PACKED_MAX_ROWS) and the fallback
+        assert torch.equal(K.linear(x[:n], wp), K.linear(x[:n], w)), n
+    x3 = torch.randn(2, 3, Kd, generator=g)  # leading dims are kept
+    assert torch.equal(K.linear(x3, wp), K.linear(x3, w))
+
+
+def test_pack_refuses_unfit_shapes_and_stale_weights_fall_back():
+    w = torch.randn(10, 24).bfloat16()  # K not a multiple of 16
+    assert K.pack(w) is w
+    w = torch.randn(10, 32).bfloat16()
+    wp = K.pack(w)
+    x = torch.randn(1, 32)
+    before = K.linear(x, wp)
+    w.mul_(2)  # in place: the packed copy is stale and must not be used
+    assert not wp.fresh
+    assert torch.equal(K.linear(x, wp), K.linear(x, w))
+    assert not torch.equal(K.linear(x, wp), before)
+
+
+# ---------------------------------------------------------------------------
+# fused per-row ops
+# ---------------------------------------------------------------------------
+def _rows_invariant(fn, x):
+    """fn's result for each row of x is the same bits whatever rows share the call."""
+    full = fn(x)
+    for i in range(x.shape[0]):
+        assert torch.equal(fn(x[i : i + 1])[0], full[i]), i
+        assert torch.equal(fn(x[: i + 1])[i], full[i]), i
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D,offset", [(640, 1.0), (37, 0.0), (256, 1.0)])
+def test_rmsnorm_matches_reference_and_is_row_invariant(wdtype, D, offset):
+    g = _gen(D)
+    x = torch.randn(11, D, generator=g) * 3
+    w = (torch.randn(D, generator=g) * 0.1).to(wdtype)
+    torch.testing.assert_close(K.rmsnorm(x, w, 1e-6, offset), K.reference_rmsnorm(x, w, 1e-6, offset),
+                               rtol=1e-5, atol=1e-5)
+    _rows_invariant(lambda t: K.rmsnorm(t, w, 1e-6, offset), x)
+
+
+@pytest.mark.parametrize("post", [True, False])
+def test_add_rmsnorm_matches_reference(post):
+    g = _gen(5)
+    x, h = torch.randn(2, 3, 640, generator=g), torch.randn(2, 3, 640, generator=g) * 5
+    wp, wn = torch.randn(640, generator=g).bfloat16(), torch.randn(640, generator=g)
+    got = K.add_rmsnorm(x, h, wp if post else None, wn, 1e-6, 1.0)
+    ref = K.reference_add_rmsnorm(x, h, wp if post else None, wn, 1e-6, 1.0)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    x_only, none = K.add_rmsnorm(x, h, wp if post else None, None, 1e-6, 1.0)
+    assert none is None and torch.equal(x_only, got[0])
+    xs, hs = x.reshape(6, 640), h.reshape(6, 640)
+    _rows_invariant(lambda t: K.add_rmsnorm(t[:, 0], t[:, 1], wp, wn, 1e-6, 1.0)[1], torch.stack([xs, hs], 1))
+
+
+@pytest.mark.parametrize("act", ["gelu_tanh", "silu"])
+@pytest.mark.parametrize("inter", [2048, 13])
+def test_gated_act_matches_reference(act, inter):
+    g = _gen(inter)
+    gu = torch.randn(7, 2 * inter, generator=g) * 4
+    gu[0, :5] = torch.tensor([0.0, -30.0, 30.0, 1e-4, -1e-4])
+    torch.testing.assert_close(K.gated_act(gu, act), K.reference_gated_act(gu, act), rtol=2e-6, atol=2e-6)
+    _rows_invariant(lambda t: K.gated_act(t, act), gu)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_qkv_rope_cache_matches_reference(cache_dtype, qk_norm):
+    g = _gen(17)
+    B, N, H, Hkv, D, C = 2, 5, 4, 2, 64, 8
+    qkv = torch.randn(B, N, (H + 2 * Hkv) * D, generator=g)
+    positions = torch.tensor([[3, 4, 5, 6, 7], [6, 7, 8, 9, 10]])  # row 1 wraps the ring buffer
+    qn = (torch.randn(D, generator=g) * 0.1).bfloat16() if qk_norm else None
+    kn = (torch.randn(D, generator=g) * 0.1).bfloat16() if qk_norm else None
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    caches = [(torch.zeros(B, C, Hkv, D, dtype=cache_dtype), torch.zeros(B, C, Hkv, D, dtype=cache_dtype))
+              for _ in range(2)]
+    q = K.qkv_rope_cache(qkv, positions, H, Hkv, qn, kn, 1e-6, 1.0, inv, *caches[0])
+    q_ref = K.reference_qkv_rope_cache(qkv, positions, H, Hkv, qn, kn, 1e-6, 1.0, inv, *caches[1])
+    torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-5)
+    for got, ref in zip(caches[0], caches[1]):
+        torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2 if cache_dtype == torch.bfloat16 else 1e-5,
+                                   atol=1e-5)
+    assert torch.equal(caches[0][1], caches[1][1])  # v is copied (and rounded) exactly like torch
+    # one token at a time writes the same cache and the same q rows as five at once
+    k1, v1 = torch.zeros_like(caches[0][0]), torch.zeros_like(caches[0][1])
+    for i in range(N):
+        qi = K.qkv_rope_cache(qkv[:, i:i + 1], positions[:, i:i + 1], H, Hkv, qn, kn, 1e-6, 1.0, inv, k1, v1)
+        assert torch.equal(qi[:, 0], q[:, i])
+    assert torch.equal(k1, caches[0][0]) and torch.equal(v1, caches[0][1])

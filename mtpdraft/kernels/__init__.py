@@ -26,8 +26,14 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "Packed",
+    "pack",
     "linear",
     "attention",
+    "rmsnorm",
+    "add_rmsnorm",
+    "gated_act",
+    "qkv_rope_cache",
     "reference_linear",
     "reference_attention",
     "native_available",
@@ -48,7 +54,7 @@ _fail_reason = ""
 # reference implementations (pure torch; also the fallback)
 # ---------------------------------------------------------------------------
 def reference_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """y = x @ w.T in fp32 (x: [N, K] float32, w: [O, K] float32/bfloat16) -> [N, O] float32."""
+    """y = x @ w.T in fp32 (x: [..., K] float32, w: [O, K] float32/bfloat16) -> [..., O] float32."""
     return F.linear(x.float(), w.float())
 
 
@@ -85,6 +91,50 @@ def reference_attention(
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
     p = torch.softmax(logits, dim=-1)
     return torch.einsum("bnhc,bchd->bnhd", p, v)
+
+
+def reference_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    scale = w.float() + offset if offset else w.float()
+    return F.rms_norm(x.float(), (x.shape[-1],), scale, eps)
+
+
+def reference_add_rmsnorm(x, h, w_post, w_next, eps, offset=0.0):
+    x = x + (reference_rmsnorm(h, w_post, eps, offset) if w_post is not None else h)
+    return x, (reference_rmsnorm(x, w_next, eps, offset) if w_next is not None else None)
+
+
+ACTS = {"gelu_tanh": 0, "silu": 1}
+
+
+def reference_gated_act(gu: torch.Tensor, act: str) -> torch.Tensor:
+    gate, up = gu.chunk(2, dim=-1)
+    return (F.gelu(gate, approximate="tanh") if act == "gelu_tanh" else F.silu(gate)) * up
+
+
+def reference_qkv_rope_cache(qkv, positions, heads, kv_heads, q_norm, k_norm, eps, offset, inv_freq,
+                             k_cache, v_cache):
+    B, N, _ = qkv.shape
+    D = k_cache.shape[-1]
+    q, k, v = qkv.split([heads * D, kv_heads * D, kv_heads * D], dim=-1)
+    q, k, v = q.reshape(B, N, heads, D), k.reshape(B, N, kv_heads, D), v.reshape(B, N, kv_heads, D)
+    if q_norm is not None:
+        q = reference_rmsnorm(q, q_norm, eps, offset)
+    if k_norm is not None:
+        k = reference_rmsnorm(k, k_norm, eps, offset)
+    freqs = positions.unsqueeze(-1).float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)
+    cos, sin = emb.cos(), emb.sin()
+    half = D // 2
+
+    def rot(t):
+        return t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin
+
+    q, k = rot(q), rot(k)
+    slots = positions % k_cache.shape[1]
+    rows = torch.arange(B).unsqueeze(1).expand_as(slots)
+    k_cache[rows, slots] = k.to(k_cache.dtype)
+    v_cache[rows, slots] = v.to(v_cache.dtype)
+    return q
 
 
 # ---------------------------------------------------------------------------
@@ -183,12 +233,54 @@ def native_available() -> bool:
 # ---------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """y = x @ w.T.  x: [N, K] float32; w: [O, K] float32 or bfloat16, contiguous.
+PACKED_MAX_ROWS = 2  # linear() uses the packed layout up to this many rows (speed only)
 
-    Returns [N, O] float32.  Row i depends only on x[i] and w, bit for bit, for any N >= 1.
+
+class Packed:
+    """A weight in the native GEMV's packed layout (rows interleaved in blocks of 8,
+    read as one sequential stream). `source` is the ordinary [O, K] weight; results
+    are bit-identical to it. If the source changes after packing (in place or
+    rebinding `.data`), linear() uses the source instead."""
+
+    __slots__ = ("source", "data", "_key")
+
+    def __init__(self, source: torch.Tensor, data: torch.Tensor):
+        self.source, self.data = source, data
+        self._key = (source.data_ptr(), source._version)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.source.shape
+
+    @property
+    def fresh(self) -> bool:
+        return (self.source.data_ptr(), self.source._version) == self._key
+
+
+def pack(w: torch.Tensor) -> "Packed | torch.Tensor":
+    """Pack a [O, K] fp32/bf16 CPU weight for linear(); returns w itself when the
+    native kernels are unavailable or K does not fit the layout."""
+    mod = _native if _native is not None else _load()
+    kc = 16 if w.dtype == torch.bfloat16 else 8
+    if (not mod or w.device.type != "cpu" or w.dim() != 2 or w.dtype not in (torch.float32, torch.bfloat16)
+            or w.shape[1] % kc):
+        return w
+    return Packed(w, mod.pack_weight(w.detach()))
+
+
+def linear(x: torch.Tensor, w: "torch.Tensor | Packed") -> torch.Tensor:
+    """y = x @ w.T.  x: [..., K] float32; w: [O, K] float32 or bfloat16, contiguous.
+
+    Returns [..., O] float32.  Each row depends only on its x row and w, bit for bit,
+    however many rows there are.
     """
     mod = _native if _native is not None else _load()
+    if isinstance(w, Packed):
+        # the packed layout pays off while memory-bound (1-2 rows); with more rows the
+        # row-major kernel's register blocking wins. Both give the same bits.
+        if mod and w.fresh and x.device.type == "cpu" and x.numel() <= PACKED_MAX_ROWS * x.shape[-1]:
+            return mod.linear_packed(x if x.dtype == torch.float32 else x.float(), w.data, w.shape[0])
+        w = w.source
     if mod and x.device.type == "cpu" and w.device.type == "cpu":
         if x.dtype != torch.float32:
             x = x.float()
@@ -226,3 +318,42 @@ def attention(
             v_cache = v_cache.to(k_cache.dtype)
         return mod.attention(q, k_cache, v_cache, positions, int(window), float(scale), float(softcap))
     return reference_attention(q, k_cache, v_cache, positions, window=window, scale=scale, softcap=softcap)
+
+
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """Row-wise RMSNorm in fp32: x / rms(x) * (w + offset); x: [..., D]."""
+    mod = _native if _native is not None else _load()
+    if mod and x.dtype == torch.float32 and x.device.type == "cpu":
+        return mod.rmsnorm(x, w, eps, offset)
+    return reference_rmsnorm(x, w, eps, offset)
+
+
+def add_rmsnorm(x, h, w_post, w_next, eps: float, offset: float = 0.0):
+    """A block's residual step: x' = x + (rmsnorm(h, w_post) if w_post is given else h),
+    y = rmsnorm(x', w_next) (None without w_next). Returns (x', y)."""
+    mod = _native if _native is not None else _load()
+    if mod and x.dtype == torch.float32 and h.dtype == torch.float32 and x.device.type == "cpu":
+        out = mod.add_rmsnorm(x, h, w_post, w_next, eps, offset)
+        return out[0], (out[1] if len(out) > 1 else None)
+    return reference_add_rmsnorm(x, h, w_post, w_next, eps, offset)
+
+
+def gated_act(gu: torch.Tensor, act: str) -> torch.Tensor:
+    """act(gate) * up for gu = [gate | up] on the last dim; act: gelu_tanh | silu."""
+    mod = _native if _native is not None else _load()
+    if mod and gu.dtype == torch.float32 and gu.device.type == "cpu":
+        return mod.gated_act(gu, ACTS[act])
+    return reference_gated_act(gu, act)
+
+
+def qkv_rope_cache(qkv, positions, heads: int, kv_heads: int, q_norm, k_norm, eps: float, offset: float,
+                   inv_freq, k_cache, v_cache) -> torch.Tensor:
+    """After the fused projection qkv [B, N, (H + 2 Hkv) D]: optional per-head q/k RMSNorm,
+    rotate-half RoPE at `positions` [B, N], k and v written to the ring-buffer cache
+    (slot = position % C). Returns q [B, N, H, D]."""
+    mod = _native if _native is not None else _load()
+    if mod and qkv.dtype == torch.float32 and qkv.device.type == "cpu":
+        return mod.qkv_rope_cache(qkv, positions, heads, kv_heads, q_norm, k_norm, eps, offset, inv_freq,
+                                  k_cache, v_cache)
+    return reference_qkv_rope_cache(qkv, positions, heads, kv_heads, q_norm, k_norm, eps, offset, inv_freq,
+                                    k_cache, v_cache)

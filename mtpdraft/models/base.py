@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..cache import KVCache
 from ..layers import Linear, RMSNorm, linear
 
@@ -41,6 +42,7 @@ class CausalLM(nn.Module):
         self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.norm_offset)
         if not args.tie_word_embeddings:
             self.lm_head = Linear(args.hidden_size, args.vocab_size)
+        self._head = None  # the head weight packed for the streaming GEMV (load_weights)
 
     # -- what the decoding loop and the drafters use -------------------------------
     @property
@@ -66,7 +68,7 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden [..., D] -> logits [..., V] fp32."""
-        out = linear(hidden, self.head_weight)
+        out = linear(hidden, self._head if self._head is not None else self.head_weight)
         cap = self.args.final_logit_softcapping
         return cap * torch.tanh(out / cap) if cap else out
 
@@ -128,3 +130,4 @@ class CausalLM(nn.Module):
         for m in self.modules():  # fused projections: fewer kernel calls per step
             if hasattr(m, "fuse") and m is not self:
                 m.fuse()
+        self._head = kernels.pack(self.head_weight)  # the biggest matrix: stream it

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ..cache import LayerCache
-from ..layers import Attention, GatedMLP, RMSNorm, Rope, rope_inv_freq
+from .. import kernels
+from ..layers import Attention, GatedMLP, RMSNorm, rope_inv_freq
 from .base import CausalLM
 
 
@@ -53,13 +54,13 @@ class ModelArgs:
 
 
 class Block(nn.Module):
-    def __init__(self, a: ModelArgs, i: int, ropes: dict[str, Rope]):
+    def __init__(self, a: ModelArgs, i: int, inv_freqs: dict[str, torch.Tensor]):
         super().__init__()
         sliding = a.layer_types[i] == "sliding_attention"
         self.self_attn = Attention(
             hidden=a.hidden_size, heads=a.num_attention_heads, kv_heads=a.num_key_value_heads,
             head_dim=a.head_dim, scale=a.query_pre_attn_scalar ** -0.5,
-            window=a.sliding_window if sliding else 0, rope=ropes[a.layer_types[i]],
+            window=a.sliding_window if sliding else 0, inv_freq=inv_freqs[a.layer_types[i]],
             qk_norm_eps=a.rms_norm_eps, norm_offset=1.0, softcap=a.attn_logit_softcapping or 0.0)
         self.mlp = GatedMLP(a.hidden_size, a.intermediate_size, "gelu_tanh")
         norm = lambda: RMSNorm(a.hidden_size, a.rms_norm_eps, offset=1.0)  # noqa: E731
@@ -67,16 +68,19 @@ class Block(nn.Module):
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, cache))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        a = self.self_attn(self.input_layernorm(x), positions, cache)
+        post, pre = self.post_attention_layernorm, self.pre_feedforward_layernorm
+        x, h = kernels.add_rmsnorm(x, a, post.weight, pre.weight, post.eps, post.offset)
+        post = self.post_feedforward_layernorm
+        return kernels.add_rmsnorm(x, self.mlp(h), post.weight, None, post.eps, post.offset)[0]
 
 
 class Model(CausalLM):
     def __init__(self, args: ModelArgs):
         # local layers rotate with their own base frequency; global ones may be scaled
-        ropes = {"sliding_attention": Rope(rope_inv_freq(args.head_dim, args.rope_local_base_freq)),
-                 "full_attention": Rope(rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling))}
-        super().__init__(args, [Block(args, i, ropes) for i in range(args.num_hidden_layers)])
+        inv_freqs = {"sliding_attention": rope_inv_freq(args.head_dim, args.rope_local_base_freq),
+                     "full_attention": rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling)}
+        super().__init__(args, [Block(args, i, inv_freqs) for i in range(args.num_hidden_layers)])
         # HF keeps the scale in the embedding dtype, so bf16 rounds sqrt(D) first.
         self.embed_scale = float(torch.tensor(args.hidden_size ** 0.5, dtype=torch.float32))
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ..cache import LayerCache
-from ..layers import Attention, GatedMLP, RMSNorm, Rope, rope_inv_freq
+from .. import kernels
+from ..layers import Attention, GatedMLP, RMSNorm, rope_inv_freq
 from .base import CausalLM
 
 
@@ -50,24 +51,26 @@ class ModelArgs:
 
 
 class Block(nn.Module):
-    def __init__(self, a: ModelArgs, rope: Rope):
+    def __init__(self, a: ModelArgs, inv_freq: torch.Tensor):
         super().__init__()
         self.self_attn = Attention(
             hidden=a.hidden_size, heads=a.num_attention_heads, kv_heads=a.num_key_value_heads,
-            head_dim=a.head_dim, scale=a.head_dim ** -0.5, window=0, rope=rope)
+            head_dim=a.head_dim, scale=a.head_dim ** -0.5, window=0, inv_freq=inv_freq)
         self.mlp = GatedMLP(a.hidden_size, a.intermediate_size, "silu")
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        a = self.self_attn(self.input_layernorm(x), positions, cache)
+        norm = self.post_attention_layernorm
+        x, h = kernels.add_rmsnorm(x, a, None, norm.weight, norm.eps)
+        return x + self.mlp(h)
 
 
 class Model(CausalLM):
     def __init__(self, args: ModelArgs):
-        rope = Rope(rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling))
-        super().__init__(args, [Block(args, rope) for _ in range(args.num_hidden_layers)])
+        inv_freq = rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling)
+        super().__init__(args, [Block(args, inv_freq) for _ in range(args.num_hidden_layers)])
 
 
 def sanitize(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
