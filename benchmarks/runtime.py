@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
 
 import mtpdraft
+from mtpdraft.bench import machine_info
 from mtpdraft.config import SamplingParams, Stats
 from mtpdraft.decoding import generate
 from mtpdraft.drafters import MTPConfig, MTPDrafter, MTPDraftSource
@@ -72,7 +72,7 @@ def main():
     ap.add_argument("--no-hf", action="store_true")
     args = ap.parse_args()
     model, tok = mtpdraft.load("gemma-3-270m", args.dtype)
-    res = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    res = {"machine": {"cpu": machine_info()["cpu"], "threads": torch.get_num_threads(),
                        "torch": torch.__version__}, "dtype": args.dtype}
 
     bw = bandwidth_gbs()

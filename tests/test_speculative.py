@@ -147,3 +147,32 @@ def test_speculative_sampling_matches_target_marginal(tiny_dirs):
     keys = set(hist["plain"]) | set(hist["spec"])
     tv = 0.5 * sum(abs(hist["plain"].get(k, 0) - hist["spec"].get(k, 0)) for k in keys) / 400
     assert tv < 0.15, tv
+
+
+def test_make_drafter_specs(tiny_dirs, tmp_path):
+    from mtpdraft.drafters import make_drafter
+    from mtpdraft.drafters.combined import CombinedDrafter
+
+    model, _ = model_and_tok(tiny_dirs, "gemma3_text")
+    assert make_drafter("none", model) is None
+    assert isinstance(make_drafter("ngram", model), NgramDrafter)
+    # no drafter ships for this model: auto is prompt lookup
+    assert isinstance(make_drafter("auto", model, "no-such-bundled-model"), NgramDrafter)
+    # a drafter directory loads as an MTP drafter; auto for a model that ships one is MTP + lookup
+    random_mtp(model, 0, True).drafter.save(tmp_path / "d")
+    assert isinstance(make_drafter(str(tmp_path / "d"), model), MTPDraftSource)
+    import mtpdraft.drafters as drafters
+
+    old = drafters.SHIPPED_DIR
+    try:
+        drafters.SHIPPED_DIR = tmp_path
+        auto = make_drafter("auto", model, "d")
+        (tmp_path / "d" / "auto.json").write_text('{"min_confidence": 0.5, "min_match": 3}')
+        gated = make_drafter("auto", model, "d")
+    finally:
+        drafters.SHIPPED_DIR = old
+    assert isinstance(auto, CombinedDrafter) and isinstance(auto.mtp, MTPDraftSource)
+    assert auto.mtp.min_confidence == 0.0 and auto.min_match == 2
+    assert gated.mtp.min_confidence == 0.5 and gated.min_match == 3  # the settings chosen at shipping
+    with pytest.raises(ValueError, match="unknown drafter"):
+        make_drafter(str(tmp_path / "missing"), model)

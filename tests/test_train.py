@@ -168,3 +168,20 @@ def test_batched_data_generation_equals_plain_greedy(tiny, one_thread):
     for p, s in zip(prompts, seqs):
         assert s == p + list(generate(model, p, SamplingParams(max_new_tokens=20, ignore_eos=True)))
     assert len(seqs[-1]) == len(prompts[0]) + 12
+
+
+def test_cluster_dot_matches_a_plain_gather():
+    from mtpdraft.train.model import cluster_dot
+
+    g = torch.Generator().manual_seed(0)
+    C, per, D, N, M = 16, 8, 12, 30, 3
+    ordered = torch.randn(C, per, D, generator=g)
+    cand = torch.randint(0, C, (N, M), generator=g)
+    y = torch.randn(N, D, generator=g, requires_grad=True)
+    out = cluster_dot(y, ordered, cand)
+    ref = torch.einsum("nd,nmid->nmi", y, ordered[cand]).reshape(N, M * per)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    up = torch.randn(out.shape, generator=g)
+    (gy,) = torch.autograd.grad(out, y, up)
+    (gy_ref,) = torch.autograd.grad(ref, y, up)
+    torch.testing.assert_close(gy, gy_ref, rtol=1e-5, atol=1e-5)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from ..models.base import CausalLM
 from .base import Draft, DraftContext, Drafter
+from .combined import CombinedDrafter
 from .gemma4_assistant import is_gemma4_assistant, load_gemma4_assistant
 from .mtp import MTPConfig, MTPDrafter, MTPDraftSource
 from .ngram import NgramDrafter
@@ -22,7 +24,12 @@ def shipped_drafter_dir(model_name: str) -> Path | None:
 
 
 def make_drafter(spec: str, target: CausalLM, model_name: str = "", min_confidence: float = 0.0) -> Drafter | None:
-    """--drafter values: none | ngram | auto (the shipped drafter, else none) | PATH to a drafter dir."""
+    """--drafter values: none | ngram | auto | PATH to a drafter dir.
+
+    auto: the MTP drafter shipped for the model, combined with prompt lookup (n-gram
+    proposals when the text repeats, MTP otherwise); without a shipped drafter,
+    prompt lookup alone (free to run, lossless, and a speedup on most text).
+    """
     if spec == "none":
         return None
     if spec == "ngram":
@@ -30,7 +37,13 @@ def make_drafter(spec: str, target: CausalLM, model_name: str = "", min_confiden
     if spec == "auto":
         path = shipped_drafter_dir(model_name)
         if path is None:
-            return None
+            return NgramDrafter()
+        d = MTPDrafter.load(path, dtype=target.dtype)
+        d.check_target(target)
+        # the combination and confidence gate chosen when the drafter was shipped
+        auto = json.loads((path / "auto.json").read_text()) if (path / "auto.json").is_file() else {}
+        gate = min_confidence or float(auto.get("min_confidence", 0.0))
+        return CombinedDrafter(MTPDraftSource(d, min_confidence=gate), min_match=int(auto.get("min_match", 2)))
     else:
         path = Path(spec)
         if not path.is_dir():

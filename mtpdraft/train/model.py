@@ -172,45 +172,67 @@ _ORDERED: dict = {}
 
 
 def ordered_table(drafter: MTPDrafter, target: CausalLM) -> torch.Tensor:
-    """The output table with its rows in token_ordering, as [C, V/C, width] (cached)."""
+    """The output table in fp32 with its rows in token_ordering, as [C, V/C, width]
+    (cached: converted once, not per batch)."""
     c = drafter.config
     table = drafter.output_table(target)
     order = drafter.masked_embedding.token_ordering
-    key = (id(drafter), id(table), table.data_ptr(), int(order[:8].sum()), int(order[-8:].sum()))
+    key = (id(drafter), id(table), table.data_ptr(), table._version, int(order[:8].sum()), int(order[-8:].sum()))
     if key not in _ORDERED:
         _ORDERED.clear()
-        _ORDERED[key] = table.detach()[order].view(c.num_centroids, c.vocab_size // c.num_centroids, -1)
+        _ORDERED[key] = table.detach()[order].float().view(c.num_centroids, c.vocab_size // c.num_centroids, -1)
     return _ORDERED[key]
 
 
+def _segments(cand: torch.Tensor):
+    """(row, cluster) pairs of cand [N, M] grouped by cluster: the pair order, the
+    pairs' rows in that order, and (cluster, start, end) per group."""
+    flat = cand.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    rows = order // cand.shape[1]
+    uniq, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    ends = counts.cumsum(0).tolist()
+    starts = [0] + ends[:-1]
+    return order, rows, list(zip(uniq.tolist(), starts, ends))
+
+
 class _ClusterDot(torch.autograd.Function):
-    """logits[n, m*per + i] = y[n] . ordered[cand[n, m], i] for a frozen table,
-    gathered in chunks (the [N, M, per, D] gather is never kept for backward)."""
+    """logits[n, m*per + i] = y[n] . ordered[cand[n, m], i] for a frozen table.
+
+    Pairs are grouped by cluster, so each candidate cluster's rows are read once
+    per batch and multiplied by all the rows that need them (one small matmul per
+    cluster) instead of being gathered once per (row, cluster) pair."""
 
     @staticmethod
-    def forward(ctx, y, ordered, cand, chunk):
+    def forward(ctx, y, ordered, cand):
+        N, M = cand.shape
         per = ordered.shape[1]
-        out = torch.empty(cand.shape[0], cand.shape[1] * per, dtype=torch.float32)
-        for s in range(0, cand.shape[0], chunk):
-            rows = ordered[cand[s:s + chunk]].flatten(1, 2).float()  # [n, M*per, D]
-            out[s:s + chunk] = torch.bmm(rows, y[s:s + chunk, :, None])[..., 0]
-        ctx.save_for_backward(cand)
-        ctx.ordered, ctx.chunk = ordered, chunk
-        return out
+        order, rows, segs = _segments(cand)
+        ys = y[rows]
+        out = torch.empty(N * M, per, dtype=torch.float32)
+        part = torch.empty(N * M, per, dtype=torch.float32)
+        for c, s, e in segs:
+            torch.mm(ys[s:e], ordered[c].t(), out=part[s:e])
+        out[order] = part
+        ctx.save_for_backward(order, rows)
+        ctx.ordered, ctx.segs, ctx.shape = ordered, segs, (N, M)
+        return out.view(N, M * per)
 
     @staticmethod
     def backward(ctx, g):
-        (cand,) = ctx.saved_tensors
-        ordered, chunk = ctx.ordered, ctx.chunk
-        gy = torch.empty(cand.shape[0], ordered.shape[2], dtype=torch.float32)
-        for s in range(0, cand.shape[0], chunk):
-            rows = ordered[cand[s:s + chunk]].flatten(1, 2).float()
-            gy[s:s + chunk] = torch.bmm(g[s:s + chunk, None, :], rows)[:, 0]
-        return gy, None, None, None
+        order, rows = ctx.saved_tensors
+        ordered, segs = ctx.ordered, ctx.segs
+        N, M = ctx.shape
+        gs = g.reshape(N * M, -1)[order]
+        part = torch.empty(N * M, ordered.shape[2], dtype=torch.float32)
+        for c, s, e in segs:
+            torch.mm(gs[s:e], ordered[c], out=part[s:e])
+        gy = torch.zeros(N, ordered.shape[2], dtype=torch.float32).index_add_(0, rows, part)
+        return gy, None, None
 
 
-def cluster_dot(y: torch.Tensor, ordered: torch.Tensor, cand: torch.Tensor, chunk: int = 128) -> torch.Tensor:
-    return _ClusterDot.apply(y.contiguous(), ordered, cand, chunk)
+def cluster_dot(y: torch.Tensor, ordered: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    return _ClusterDot.apply(y.contiguous(), ordered, cand)
 
 
 def head_loss(drafter: MTPDrafter, target: CausalLM, y: torch.Tensor, labels: torch.Tensor, clusters: torch.Tensor,
@@ -252,22 +274,18 @@ def head_loss(drafter: MTPDrafter, target: CausalLM, y: torch.Tensor, labels: to
 
 
 @torch.no_grad()
-def inference_correct(drafter: MTPDrafter, target: CausalLM, y: torch.Tensor, labels: torch.Tensor,
-                      chunk: int = 16) -> torch.Tensor:
+def inference_correct(drafter: MTPDrafter, target: CausalLM, y: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[N] bool: the head's prediction exactly as MTPDrafter.step makes it == label."""
     c = drafter.config
     table = drafter.output_table(target)
     if not c.use_ordered_embeddings:
         return _lin(y, table.float()).argmax(-1) == labels
     clusters = drafter.masked_embedding.token_ordering.view(c.num_centroids, -1)
-    out = torch.empty(labels.shape, dtype=torch.bool)
-    for s in range(0, y.shape[0], chunk):
-        ys = y[s:s + chunk].float()
-        top = _lin(ys, drafter.masked_embedding.centroids.weight.float()).topk(c.centroid_intermediate_top_k, -1).indices
-        ids = clusters[top].flatten(1)
-        logits = torch.einsum("bd,bmd->bm", ys, table[ids].float())
-        out[s:s + chunk] = ids.gather(1, logits.argmax(-1, keepdim=True))[:, 0] == labels[s:s + chunk]
-    return out
+    y = y.float()
+    top = _lin(y, drafter.masked_embedding.centroids.weight.float()).topk(c.centroid_intermediate_top_k, -1).indices
+    logits = cluster_dot(y, ordered_table(drafter, target), top)  # [N, top_k * per], same order as ids
+    ids = clusters[top].flatten(1)
+    return ids.gather(1, logits.argmax(-1, keepdim=True))[:, 0] == labels
 
 
 def new_drafter(target: CausalLM, cfg: dict, seed: int) -> MTPDrafter:

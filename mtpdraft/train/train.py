@@ -108,6 +108,7 @@ class TrainConfig:
     eval_untrained_prompts: int = 6
     draft_len: int = 4
     min_match: int = 2  # combined drafter: n-gram when its match has >= this many tokens
+    gates: tuple[float, ...] = (0.3, 0.6)  # also evaluate `combined` stopping a draft below these confidences
     top_k_tolerance: float = 0.01  # keep the smallest centroid top-k within this of the best held-out tau
     quick: bool = False
 
@@ -117,7 +118,7 @@ class TrainConfig:
         base = dict(quick=True, max_prompts=40, new_tokens=48, opened_per_prompt=1, bos_openings=8, gen_batch=16,
                     hidden_size=64, intermediate_size=128, num_attention_heads=4, epochs=10.0, batch_tokens=1024,
                     eval_every=40, ckpt_every=200, warmup_iters=10, lr=3e-3, eval_prompts=4, eval_new_tokens=32,
-                    eval_untrained_prompts=4)
+                    eval_untrained_prompts=4, gates=())
         base.update(kw)
         return cls(**base)
 
@@ -545,6 +546,9 @@ def stage_eval(cfg: TrainConfig, heldout: list[dict]) -> dict:
         "combined": lambda: CombinedDrafter(mtp, min_match=cfg.min_match),
         "mtp_untrained": lambda: untrained,
     }
+    for g in cfg.gates:  # MTP drafts end at the first token below confidence g (the first is always drafted)
+        gated = make_drafter(str(out / "drafter"), model, min_confidence=g)
+        drafters[f"combined@{g}"] = lambda gated=gated: CombinedDrafter(gated, min_match=cfg.min_match)
     res = evaluate(model, tok, prompts, drafters, cfg.eval_new_tokens, cfg.draft_len,
                    only_first={"mtp_untrained": cfg.eval_untrained_prompts})
     res.update(model=cfg.model, dtype=cfg.dtype, heldout_prompt_ids=[p["id"] for p in heldout[: cfg.eval_prompts]])
@@ -583,27 +587,54 @@ def run(cfg: TrainConfig) -> dict:
     res = stage_eval(cfg, heldout)
     t4 = time.perf_counter()
     _log(f"stage seconds this run: data {t1 - t0:.0f}, features {t2 - t1:.0f}, train {t3 - t2:.0f}, eval {t4 - t3:.0f}")
+    # wall time per stage, summed over resumed runs (a stage that was already done adds ~0)
+    tpath = out / "timings.json"
+    tim = json.loads(tpath.read_text()) if tpath.exists() else {}
+    for k, v in (("data", t1 - t0), ("features", t2 - t1), ("train", t3 - t2), ("eval", t4 - t3)):
+        tim[k] = round(tim.get(k, 0.0) + v, 1)
+    tpath.write_text(json.dumps(tim, indent=1))
     return res
 
 
 def ship(cfg: TrainConfig, dest: str | Path) -> bool:
-    """Copy the trained drafter to dest with a model card, only if it beat the untrained one."""
+    """Copy the trained drafter to dest with a model card, only if it beat the untrained
+    drafter and, combined with prompt lookup (what `--drafter auto` runs), beat prompt
+    lookup alone (auto's fallback) on the held-out prompts."""
     out = Path(cfg.out)
     ev = json.loads((out / "eval.json").read_text())
     c = ev["configs"]
     if c["mtp"]["tau"] <= c["mtp_untrained"]["tau"]:
         _log(f"not shipped: tau {c['mtp']['tau']} <= untrained {c['mtp_untrained']['tau']}")
         return False
+    best = max((n for n in c if n.startswith("combined")), key=lambda n: c[n]["decode_tokens_per_s"])
+    if c[best]["decode_tokens_per_s"] <= c["ngram"]["decode_tokens_per_s"]:
+        _log(f"not shipped: {best} {c[best]['decode_tokens_per_s']} tok/s <= "
+             f"n-gram alone {c['ngram']['decode_tokens_per_s']} tok/s")
+        return False
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for f in ("config.json", "model.safetensors"):
         shutil.copy(out / "drafter" / f, dest / f)
+    gate = float(best.partition("@")[2] or 0.0)
+    (dest / "auto.json").write_text(json.dumps({"min_confidence": gate, "min_match": cfg.min_match,
+                                                "chosen_from": best}, indent=1))
     (dest / "README.md").write_text(model_card(cfg, ev))
     _log(f"shipped to {dest}")
     return True
 
 
+def _timings(out: Path) -> str:
+    p = out / "timings.json"
+    if not p.exists():
+        return "not recorded"
+    t = json.loads(p.read_text())
+    parts = ", ".join(f"{k} {v / 60:.0f} min" for k, v in t.items())
+    return f"{parts} (total {sum(t.values()) / 60:.0f} min)"
+
+
 def model_card(cfg: TrainConfig, ev: dict) -> str:
+    from ..bench import machine_info
+
     out = Path(cfg.out)
     data = json.loads((out / "data" / "DONE.json").read_text())
     tl = json.loads((out / "train_log.json").read_text())
@@ -641,6 +672,7 @@ trained by `mtpdraft train` on text the target wrote itself. Load it with
   (label cluster + {cfg.extra_clusters} competing clusters) + centroid cross-entropy
   + {cfg.hidden_weight} x relative MSE of h' to the target's next hidden state; step weights {cfg.step_decay}^(j-1).
 - {tl['iterations']} AdamW iterations ({tl['epochs']} epochs), lr {cfg.lr} cosine, seed {cfg.seed}.
+- Wall time on {machine_info()['cpu']} ({torch.get_num_threads()} threads): {_timings(out)}.
 
 ## Evaluation (held-out prompts, greedy, real speculative loop, {ev['dtype']}, k={ev['draft_len']}, {ev['new_tokens']} new tokens)
 
@@ -648,7 +680,9 @@ trained by `mtpdraft train` on text the target wrote itself. Load it with
 |---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-`combined` = n-gram lookup when it continues a match of >= {cfg.min_match} tokens, else this drafter.
+`combined` = n-gram lookup when it continues a match of >= {cfg.min_match} tokens, else this drafter;
+`combined@g` also ends an MTP draft at the first token whose probability is below g. `--drafter auto`
+runs the fastest combined variant here (settings in `auto.json`).
 Measured on a shared 2-core CPU; timings are noisy. Base-model greedy text loops a lot, which is
 where prompt lookup (n-gram) is hard to beat.
 """
