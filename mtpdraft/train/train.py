@@ -590,8 +590,11 @@ def run(cfg: TrainConfig) -> dict:
     # wall time per stage, summed over resumed runs (a stage that was already done adds ~0)
     tpath = out / "timings.json"
     tim = json.loads(tpath.read_text()) if tpath.exists() else {}
+    note = tim.pop("note", None)
     for k, v in (("data", t1 - t0), ("features", t2 - t1), ("train", t3 - t2), ("eval", t4 - t3)):
         tim[k] = round(tim.get(k, 0.0) + v, 1)
+    if note:
+        tim["note"] = note
     tpath.write_text(json.dumps(tim, indent=1))
     return res
 
@@ -628,8 +631,9 @@ def _timings(out: Path) -> str:
     if not p.exists():
         return "not recorded"
     t = json.loads(p.read_text())
+    note = t.pop("note", "")  # free text about the run (e.g. an interruption), kept with the figures
     parts = ", ".join(f"{k} {v / 60:.0f} min" for k, v in t.items())
-    return f"{parts} (total {sum(t.values()) / 60:.0f} min)"
+    return f"{parts} (total {sum(t.values()) / 60:.0f} min)" + (f"; {note}" if note else "")
 
 
 def model_card(cfg: TrainConfig, ev: dict) -> str:
