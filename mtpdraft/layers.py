@@ -111,24 +111,6 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> t
     return inv
 
 
-def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, N, 1, D] for positions [B, N] (HF's fp32 arithmetic)."""
-    freqs = positions.unsqueeze(-1).float() * inv_freq  # [B, N, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)  # [B, N, 1, D]
-    return emb.cos(), emb.sin()
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (HF convention). x: [B, N, H, D]."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """x: [B, N, H, D]; positions: [B, N]."""
-    return rotate(x, *rope_tables(positions, inv_freq))
-
-
 class Attention(nn.Module):
     """GQA self-attention over the layer's cache; optional per-head q/k norms (Gemma)."""
 

@@ -38,16 +38,18 @@ def make_drafter(spec: str, target: CausalLM, model_name: str = "", min_confiden
         path = shipped_drafter_dir(model_name)
         if path is None:
             return NgramDrafter()
-        d = MTPDrafter.load(path, dtype=target.dtype)
-        d.check_target(target)
         # the combination and confidence gate chosen when the drafter was shipped
         auto = json.loads((path / "auto.json").read_text()) if (path / "auto.json").is_file() else {}
-        gate = min_confidence or float(auto.get("min_confidence", 0.0))
-        return CombinedDrafter(MTPDraftSource(d, min_confidence=gate), min_match=int(auto.get("min_match", 2)))
-    else:
-        path = Path(spec)
-        if not path.is_dir():
-            raise ValueError(f"unknown drafter {spec!r}: use none, auto, ngram or a drafter directory")
+        source = _load_source(path, target, min_confidence or float(auto.get("min_confidence", 0.0)))
+        return CombinedDrafter(source, min_match=int(auto.get("min_match", 2)))
+    path = Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"unknown drafter {spec!r}: use none, auto, ngram or a drafter directory")
+    return _load_source(path, target, min_confidence)
+
+
+def _load_source(path: Path, target: CausalLM, min_confidence: float) -> MTPDraftSource:
+    """An MTP drafter directory (ours or an official Gemma 4 assistant), checked against the target."""
     if is_gemma4_assistant(path):  # an official Gemma 4 `-assistant` checkpoint
         return MTPDraftSource(load_gemma4_assistant(path, target.dtype, target=target), min_confidence)
     d = MTPDrafter.load(path, dtype=target.dtype)

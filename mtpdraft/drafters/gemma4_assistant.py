@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..layers import Linear, RMSNorm, apply_rope
+from ..kernels import apply_rope
+from ..layers import Linear, RMSNorm
 from ..models import gemma4, load_safetensors_dir
 from ..models.base import CausalLM
 from .mtp import MTPConfig, MTPDrafter

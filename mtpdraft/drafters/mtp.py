@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import kernels
-from ..layers import Linear, RMSNorm, apply_rope, linear
+from ..kernels import apply_rope
+from ..layers import Linear, RMSNorm, linear
 from ..models.base import CausalLM
 from .base import Draft, DraftContext
 

@@ -1,6 +1,8 @@
 """Batch-invariant CPU kernels (AVX2 + FMA) for lossless speculative decoding.
 
-``linear`` and ``attention`` compute every output row with a fixed sequence of
+``linear`` (row-major or ``pack``ed weights), ``attention`` and the fused per-row
+ops of a decoder layer (``rmsnorm``, ``add_rmsnorm``, ``gated_act``,
+``qkv_rope_cache``) compute every output row with a fixed sequence of
 floating point operations that does not depend on how many rows are processed
 together (nor on the other rows' contents).  Verification of k+1 draft tokens in
 one forward therefore reproduces plain one-token decoding bit for bit.
@@ -34,6 +36,7 @@ __all__ = [
     "add_rmsnorm",
     "gated_act",
     "qkv_rope_cache",
+    "apply_rope",
     "reference_linear",
     "reference_attention",
     "native_available",
@@ -111,8 +114,18 @@ def reference_gated_act(gu: torch.Tensor, act: str) -> torch.Tensor:
     return (F.gelu(gate, approximate="tanh") if act == "gelu_tanh" else F.silu(gate)) * up
 
 
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (HF convention and fp32 arithmetic). x: [B, N, H, D]; positions: [B, N]."""
+    freqs = positions.unsqueeze(-1).float() * inv_freq  # [B, N, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)  # [B, N, 1, D]
+    half = x.shape[-1] // 2
+    return x * emb.cos() + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * emb.sin()
+
+
 def reference_qkv_rope_cache(qkv, positions, heads, kv_heads, q_norm, k_norm, eps, offset, inv_freq,
                              k_cache, v_cache):
+    from ..cache import LayerCache
+
     B, N, _ = qkv.shape
     D = k_cache.shape[-1]
     q, k, v = qkv.split([heads * D, kv_heads * D, kv_heads * D], dim=-1)
@@ -121,19 +134,8 @@ def reference_qkv_rope_cache(qkv, positions, heads, kv_heads, q_norm, k_norm, ep
         q = reference_rmsnorm(q, q_norm, eps, offset)
     if k_norm is not None:
         k = reference_rmsnorm(k, k_norm, eps, offset)
-    freqs = positions.unsqueeze(-1).float() * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)
-    cos, sin = emb.cos(), emb.sin()
-    half = D // 2
-
-    def rot(t):
-        return t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin
-
-    q, k = rot(q), rot(k)
-    slots = positions % k_cache.shape[1]
-    rows = torch.arange(B).unsqueeze(1).expand_as(slots)
-    k_cache[rows, slots] = k.to(k_cache.dtype)
-    v_cache[rows, slots] = v.to(v_cache.dtype)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    LayerCache(k_cache, v_cache, 0).write(k, v, positions)
     return q
 
 
@@ -237,7 +239,7 @@ PACKED_MAX_ROWS = 2  # linear() uses the packed layout up to this many rows (spe
 
 
 class Packed:
-    """A weight in the native GEMV's packed layout (rows interleaved in blocks of 8,
+    """A weight in the native GEMV's packed layout (rows interleaved in blocks of 4,
     read as one sequential stream). `source` is the ordinary [O, K] weight; results
     are bit-identical to it. If the source changes after packing (in place or
     rebinding `.data`), linear() uses the source instead."""

@@ -20,7 +20,8 @@ from torch import nn
 
 from ..cache import KVCache, LayerCache
 from ..kernels import attention
-from ..layers import Linear, RMSNorm, apply_rope, linear
+from ..kernels import apply_rope
+from ..layers import Linear, RMSNorm, linear
 from .base import CausalLM
 
 

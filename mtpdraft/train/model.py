@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..drafters.mtp import MTPConfig, MTPDrafter
-from ..layers import apply_rope
+from ..kernels import apply_rope, reference_rmsnorm
 from ..models.base import CausalLM
 
 
@@ -31,7 +31,7 @@ def source_layers(drafter: MTPDrafter | list[str], target: CausalLM) -> list[int
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],), w.float() + 1.0, eps)
+    return reference_rmsnorm(x, w, eps, offset=1.0)  # differentiable: plain torch ops
 
 
 def _lin(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -527,7 +527,7 @@ def tune_top_k(cfg: TrainConfig, target, val: Features) -> dict:
 # -- stage 4 --------------------------------------------------------------------------------
 def stage_eval(cfg: TrainConfig, heldout: list[dict]) -> dict:
     from .. import load
-    from ..drafters import NgramDrafter, make_drafter
+    from ..drafters import MTPDraftSource, NgramDrafter, make_drafter
     from ..drafters.combined import CombinedDrafter
     from .evaluate import evaluate
 
@@ -547,7 +547,7 @@ def stage_eval(cfg: TrainConfig, heldout: list[dict]) -> dict:
         "mtp_untrained": lambda: untrained,
     }
     for g in cfg.gates:  # MTP drafts end at the first token below confidence g (the first is always drafted)
-        gated = make_drafter(str(out / "drafter"), model, min_confidence=g)
+        gated = MTPDraftSource(mtp.drafter, min_confidence=g)  # the same weights, loaded once
         drafters[f"combined@{g}"] = lambda gated=gated: CombinedDrafter(gated, min_match=cfg.min_match)
     res = evaluate(model, tok, prompts, drafters, cfg.eval_new_tokens, cfg.draft_len,
                    only_first={"mtp_untrained": cfg.eval_untrained_prompts})
