@@ -66,9 +66,9 @@ def main():
                         "--max-new-tokens", n, "--no-progress", "--json", f"{OUT}/bench_ngram_adaptive.json"])
     fixed = json.loads(Path(f"{OUT}/bench_ngram.json").read_text())
     adapt = json.loads(Path(f"{OUT}/bench_ngram_adaptive.json").read_text())
-    sections.append(("Draft length: fixed k=4 vs adaptive (n-gram drafter)", cmd,
+    sections.append((f"Draft length: fixed k={fixed['draft_len']} vs adaptive (n-gram drafter)", cmd,
                      "| policy | speedup over plain (same run) | mean accepted tokens |\n|---|---|---|\n"
-                     f"| fixed k=4 | {fixed['speedup']:.2f}x | {fixed['speculative']['mean_accepted_tokens']:.2f} |\n"
+                     f"| fixed k={fixed['draft_len']} | {fixed['speedup']:.2f}x | {fixed['speculative']['mean_accepted_tokens']:.2f} |\n"
                      f"| adaptive | {adapt['speedup']:.2f}x | {adapt['speculative']['mean_accepted_tokens']:.2f} |\n"))
 
     if not args.skip_serve:

@@ -7,6 +7,8 @@ import json
 import sys
 import time
 
+from .config import DEFAULT_DRAFT_LEN
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from .registry import DEFAULT_MODEL
@@ -14,7 +16,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="bundled name, local HF directory or .gguf file")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--drafter", default="auto", help="auto | none | ngram | PATH to a drafter directory")
-    p.add_argument("--draft-len", type=int, default=None, help="tokens drafted per cycle (default 4)")
+    p.add_argument("--draft-len", type=int, default=None, help=f"tokens drafted per cycle (default {DEFAULT_DRAFT_LEN})")
     p.add_argument("--adaptive", action="store_true", help="adapt the draft length to observed acceptance")
 
 

@@ -162,8 +162,9 @@ def test_packed_linear_identical_to_unpacked(dtype, O, Kd):
     w = torch.randn(O, Kd, generator=g).to(dtype)
     wp = K.pack(w)
     assert isinstance(wp, K.Packed) and wp.shape == w.shape
-    x = torch.randn(9, Kd, generator=g)
-    for n in range(1, 10):  # the packed path (n <= PACKED_MAX_ROWS) and the fallback
+    rows = K.PACKED_MAX_ROWS + 2
+    x = torch.randn(rows, Kd, generator=g)
+    for n in range(1, rows + 1):  # every x grouping of the packed path (n <= PACKED_MAX_ROWS) and the fallback
         assert torch.equal(K.linear(x[:n], wp), K.linear(x[:n], w)), n
     x3 = torch.randn(2, 3, Kd, generator=g)  # leading dims are kept
     assert torch.equal(K.linear(x3, wp), K.linear(x3, w))

@@ -235,7 +235,7 @@ def native_available() -> bool:
 # ---------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------
-PACKED_MAX_ROWS = 2  # linear() uses the packed layout up to this many rows (speed only)
+PACKED_MAX_ROWS = 16  # linear() uses the packed layout up to this many rows (speed only)
 
 
 class Packed:
@@ -278,8 +278,8 @@ def linear(x: torch.Tensor, w: "torch.Tensor | Packed") -> torch.Tensor:
     """
     mod = _native if _native is not None else _load()
     if isinstance(w, Packed):
-        # the packed layout pays off while memory-bound (1-2 rows); with more rows the
-        # row-major kernel's register blocking wins. Both give the same bits.
+        # decode and verification sizes: the packed kernels stream the weights once and
+        # overlap that with the arithmetic; prefill uses the row-major kernel. Same bits.
         if mod and w.fresh and x.device.type == "cpu" and x.numel() <= PACKED_MAX_ROWS * x.shape[-1]:
             return mod.linear_packed(x if x.dtype == torch.float32 else x.float(), w.data, w.shape[0])
         w = w.source

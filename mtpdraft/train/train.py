@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import DEFAULT_DRAFT_LEN
 from .data import Job, generate_batch, load_prompts, split_prompts
 from .features import Features, compute_features
 from .model import cluster_of, head_loss, inference_correct, new_drafter, source_layers, unrolled
@@ -106,7 +107,7 @@ class TrainConfig:
     eval_prompts: int = 16
     eval_new_tokens: int = 128
     eval_untrained_prompts: int = 6
-    draft_len: int = 4
+    draft_len: int = DEFAULT_DRAFT_LEN
     min_match: int = 2  # combined drafter: n-gram when its match has >= this many tokens
     gates: tuple[float, ...] = (0.3, 0.6)  # also evaluate `combined` stopping a draft below these confidences
     top_k_tolerance: float = 0.01  # keep the smallest centroid top-k within this of the best held-out tau
