@@ -38,7 +38,7 @@ class SamplingParams:
 # Tokens drafted per cycle. With the packed multi-row kernels a 7-token verification
 # costs ~1.5 one-token forwards here, and on held-out training prompts (never the
 # bench set) k=6 was as fast as k=4 or faster for both prompt lookup and the shipped
-# drafter, with a higher tau (README, "Draft length").
+# drafter, with a higher tau (README, the `--draft-len` paragraph; benchmarks/draft_len.py).
 DEFAULT_DRAFT_LEN = 6
 
 
