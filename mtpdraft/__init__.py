@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from .config import DEFAULT_WEIGHTS
 from .models import CausalLM, load_model_dir, parse_dtype
 from .registry import BUNDLED, DEFAULT_MODEL, resolve
 
 __version__ = "0.1.0"
 
 
-def load(model: str = DEFAULT_MODEL, dtype: str = "bf16"):
-    """Load a bundled name, a local HF directory or a .gguf: returns (model, tokenizer)."""
+def load(model: str = DEFAULT_MODEL, dtype: str = DEFAULT_WEIGHTS):
+    """Load a bundled name, a local HF directory or a .gguf: returns (model, tokenizer).
+
+    dtype: auto (the GGUF's own quantized weights where the model came from a GGUF file,
+    else bf16), gguf, q8_0 (quantized at load, cached), bf16 or fp32."""
     from transformers import AutoTokenizer
 
     name, path = resolve(model)

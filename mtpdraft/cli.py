@@ -7,14 +7,16 @@ import json
 import sys
 import time
 
-from .config import DEFAULT_DRAFT_LEN
+from .config import DEFAULT_DRAFT_LEN, DEFAULT_WEIGHTS, WEIGHT_CHOICES
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from .registry import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="bundled name, local HF directory or .gguf file")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--dtype", default=DEFAULT_WEIGHTS, choices=WEIGHT_CHOICES,
+                   help="weights: auto = the GGUF's own quantized blocks where the model came from one, else bf16; "
+                        "q8_0 quantizes at load (cached); bf16/fp32 dense")
     p.add_argument("--drafter", default="auto", help="auto | none | ngram | PATH to a drafter directory")
     p.add_argument("--draft-len", type=int, default=None, help=f"tokens drafted per cycle (default {DEFAULT_DRAFT_LEN})")
     p.add_argument("--adaptive", action="store_true", help="adapt the draft length to observed acceptance")

@@ -2,24 +2,42 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# Temperatures below this decode greedily: dividing logits by ~1e-40 overflows fp32,
+# and long before that the distribution is a point mass on the argmax.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(slots=True)
 class SamplingParams:
+    """presence_penalty / frequency_penalty (OpenAI's): subtracted from the target's logits
+    of each token once if it was generated already / once per time it was; logit_bias:
+    token id -> value added to its logit. All three act on the target's logits before
+    greedy choice or verification, so speculative decoding stays exact."""
+
     max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # below GREEDY_BELOW = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if any(not -100 <= b <= 100 for b in self.logit_bias.values()):
+            raise ValueError("logit_bias values must be in [-100, 100]")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -32,8 +50,17 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+
+# Weights: the GGUF file's own quantized blocks where the model came from one, else
+# bf16 (models.WEIGHT_FORMATS lists the choices).
+DEFAULT_WEIGHTS = "auto"
+WEIGHT_CHOICES = ("auto", "gguf", "q8_0", "bf16", "fp32")
 
 # Tokens drafted per cycle. With the packed multi-row kernels a 7-token verification
 # costs ~1.5 one-token forwards here, and on held-out training prompts (never the

@@ -22,9 +22,9 @@ from .cache import LayerCache
 INVARIANT_MAX_ROWS = 64
 
 
-def linear(x: torch.Tensor, w: "torch.Tensor | kernels.Packed") -> torch.Tensor:
-    """x: [..., K] fp32, w: [O, K] (or packed) -> [..., O] fp32."""
-    if x.numel() <= INVARIANT_MAX_ROWS * x.shape[-1]:
+def linear(x: torch.Tensor, w: "torch.Tensor | kernels.Packed | kernels.QWeight") -> torch.Tensor:
+    """x: [..., K] fp32, w: [O, K] (or packed, or quantized) -> [..., O] fp32."""
+    if x.numel() <= INVARIANT_MAX_ROWS * x.shape[-1] or isinstance(w, kernels.QWeight):
         return kernels.linear(x, w)
     return F.linear(x, (w.source if isinstance(w, kernels.Packed) else w).float())
 
@@ -36,16 +36,23 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.packed = None  # set by pack(): the same weight in the GEMV's streaming layout
+        self.qweight = None  # the weight as quantized blocks (then `weight` is empty)
 
     def pack(self) -> None:
-        self.packed = kernels.pack(self.weight)
+        self.packed = self.qweight if self.qweight is not None else kernels.pack(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.packed if self.packed is not None else self.weight)
+        w = self.qweight if self.qweight is not None else self.packed
+        return linear(x, w if w is not None else self.weight)
 
 
-def fuse_weights(*layers: Linear) -> torch.Tensor:
-    """Concatenate the layers' weights along the output dim; leave each layer a view."""
+def fuse_weights(*layers: Linear) -> "torch.Tensor | kernels.QWeight":
+    """Concatenate the layers' weights along the output dim; leave each layer a view.
+    Quantized layers are concatenated as quantized row blocks (each keeps its own)."""
+    if all(m.qweight is not None for m in layers):
+        return kernels.QWeight.cat([m.qweight for m in layers])
+    if any(m.qweight is not None for m in layers):
+        raise ValueError("cannot fuse quantized and unquantized projections")
     fused = torch.cat([m.weight.data for m in layers])
     start = 0
     for m in layers:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .convert import convert_gguf
+from .convert import convert_gguf, is_current
 
 
 def cache_root() -> Path:
@@ -63,7 +63,7 @@ def converted_dir(name: str) -> Path:
 
 
 def is_converted(name: str) -> bool:
-    return (converted_dir(name) / "config.json").is_file()
+    return is_current(converted_dir(name))
 
 
 def resolve(model: str) -> tuple[str, Path]:
@@ -78,7 +78,7 @@ def resolve(model: str) -> tuple[str, Path]:
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         out = cache_root() / "gguf" / f"{path.stem}-{path.stat().st_size}"
-        if not (out / "config.json").is_file():
+        if not is_current(out):
             print(f"mtpdraft: converting {path.name} (once)...", file=sys.stderr, flush=True)
             convert_gguf(path, out)
         return path.stem, out

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..config import DEFAULT_WEIGHTS, WEIGHT_CHOICES
+
 from ..config import DEFAULT_DRAFT_LEN
 
 
@@ -22,7 +24,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, default=None, help="run only the first N prompts")
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--temperature", type=float, default=0.0)
-    b.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    b.add_argument("--dtype", default=DEFAULT_WEIGHTS, choices=WEIGHT_CHOICES, help="weights (see mtpdraft generate --help)")
     b.add_argument("--draft-len", type=int, default=None, help=f"tokens drafted per cycle (default {DEFAULT_DRAFT_LEN})")
     b.add_argument("--adaptive", action="store_true", help="adapt the draft length to observed acceptance")
     b.add_argument("--seed", type=int, default=None)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ..config import DEFAULT_WEIGHTS
 from .prompts import Prompt, load_prompts
 from .stats import PromptRecord, RunStats, combine, summarize
 
@@ -132,7 +133,7 @@ def _progress(iterable, total: int, enabled: bool, desc: str):
 
 
 def run_bench(model: str = "gemma-3-270m", drafter: str = "ngram", prompts: str | Path | Sequence[Prompt] | None = None,
-              *, limit: int | None = None, max_new_tokens: int = 128, temperature: float = 0.0, dtype: str = "bf16",
+              *, limit: int | None = None, max_new_tokens: int = 128, temperature: float = 0.0, dtype: str = DEFAULT_WEIGHTS,
               draft_len: int | None = None, adaptive: bool = False, compare: str | Sequence[str] | None = None,
               seed: int | None = None, warmup: bool = True, progress: bool = True, log=None) -> dict:
     """Benchmark `drafter` against plain decoding of `model`; returns the result dict (the --json content).
@@ -171,7 +172,8 @@ def run_bench(model: str = "gemma-3-270m", drafter: str = "ngram", prompts: str 
     hf = llama = None
     if "hf" in compare:
         from .compare import HFBaseline
-        hf = HFBaseline(lm.path, dtype, sp, spec.draft_len, eos, log=log)
+        # transformers runs the dense checkpoint: fp32 where we run fp32, else bf16
+        hf = HFBaseline(lm.path, "fp32" if lm.weights_format == "fp32" else "bf16", sp, spec.draft_len, eos, log=log)
     if "llamacpp" in compare:
         from .compare import LlamaCppBaseline
         llama = LlamaCppBaseline.find(model, lm, sp, spec.draft_len, log=log)
@@ -205,7 +207,8 @@ def run_bench(model: str = "gemma-3-270m", drafter: str = "ngram", prompts: str 
                                         "mean_accepted_tokens": specc.run.mean_accepted_tokens},
                         "identical": identical, "output": plain.turns[-1].text[:200]})
 
-    result = {"model": lm.name, "drafter": drafter, "dtype": dtype, "num_prompts": len(records),
+    result = {"model": lm.name, "drafter": drafter, "dtype": dtype, "weights": lm.weights_format,
+              "num_prompts": len(records),
               "max_new_tokens": max_new_tokens, "temperature": temperature, "draft_len": spec.draft_len,
               "adaptive": adaptive, "seed": seed, "chat_template": has_chat_template(tok),
               "tokens_per_s_definition": "decode tokens / decode seconds summed over prompts and turns; "

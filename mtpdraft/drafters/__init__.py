@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .. import kernels
 from ..models.base import CausalLM
 from .base import Draft, DraftContext, Drafter
 from .combined import CombinedDrafter
@@ -32,6 +33,8 @@ def make_drafter(spec: str, target: CausalLM, model_name: str = "", min_confiden
     """
     if spec == "none":
         return None
+    # a drafter's outputs are only lossless with the batch-invariant kernels: no silent fallback
+    kernels.require_native(f"--drafter {spec}")
     if spec == "ngram":
         return NgramDrafter()
     if spec == "auto":

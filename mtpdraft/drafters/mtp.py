@@ -215,7 +215,7 @@ class MTPDrafter(nn.Module):
         top = self.masked_embedding.centroids(y).topk(c.centroid_intermediate_top_k, dim=-1).indices  # [B, k_c]
         clusters = self.masked_embedding.token_ordering.view(c.num_centroids, -1)
         ids = clusters[top].flatten(1)  # [B, k_c * V/C]
-        logits = torch.einsum("bd,bmd->bm", y, table[ids].float())
+        logits = torch.einsum("bd,bmd->bm", y, kernels.take_rows(table, ids))
         return ids, logits, h_next
 
 

@@ -40,6 +40,12 @@ __all__ = [
     "reference_linear",
     "reference_attention",
     "native_available",
+    "QWeight",
+    "qlinear",
+    "take_rows",
+    "dense",
+    "require_native",
+    "quant_isa",
 ]
 
 _SRC = Path(__file__).with_name("mtpdraft_kernels.cpp")
@@ -166,13 +172,45 @@ def _cpu_ok() -> str:
     return ""
 
 
-def _module_name() -> str:
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _module_name(src: Path, prefix: str, cflags: list[str]) -> str:
     h = hashlib.sha1()
-    h.update(_SRC.read_bytes())
-    h.update(" ".join(_CFLAGS + _LDFLAGS).encode())
+    h.update(src.read_bytes())
+    h.update(" ".join(cflags + _LDFLAGS).encode())
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
-    return "mtpdraft_kernels_" + h.hexdigest()[:12]
+    return prefix + h.hexdigest()[:12]
+
+
+def _build(src: Path, prefix: str, cflags: list[str]):
+    """Import the compiled `src` from the cache, compiling it first if needed."""
+    name = _module_name(src, prefix, cflags)
+    build_dir = _cache_dir() / name
+    so_path = build_dir / f"{name}.so"
+    if so_path.exists():
+        try:
+            spec = importlib.util.spec_from_file_location(name, so_path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod
+        except Exception:  # stale / broken build: rebuild below
+            pass
+    from torch.utils.cpp_extension import load
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    print(f"mtpdraft: compiling CPU kernels {src.stem} (once, ~1 min)...", file=sys.stderr, flush=True)
+    return load(name=name, sources=[str(src)], extra_cflags=cflags, extra_ldflags=_LDFLAGS,
+                build_directory=str(build_dir), verbose=False)
 
 
 def _load():
@@ -188,31 +226,7 @@ def _load():
             reason = _cpu_ok()
             if reason:
                 raise RuntimeError(reason)
-            name = _module_name()
-            build_dir = _cache_dir() / name
-            so_path = build_dir / f"{name}.so"
-            mod = None
-            if so_path.exists():
-                try:
-                    spec = importlib.util.spec_from_file_location(name, so_path)
-                    mod = importlib.util.module_from_spec(spec)
-                    spec.loader.exec_module(mod)
-                except Exception:  # stale / broken build: rebuild below
-                    mod = None
-            if mod is None:
-                from torch.utils.cpp_extension import load
-
-                build_dir.mkdir(parents=True, exist_ok=True)
-                print("mtpdraft: compiling CPU kernels (once, ~1 min)...", file=sys.stderr, flush=True)
-                mod = load(
-                    name=name,
-                    sources=[str(_SRC)],
-                    extra_cflags=_CFLAGS,
-                    extra_ldflags=_LDFLAGS,
-                    build_directory=str(build_dir),
-                    verbose=False,
-                )
-            _native = mod
+            _native = _build(_SRC, "mtpdraft_kernels_", _CFLAGS)
         except Exception as e:  # noqa: BLE001 - any failure means fallback
             _native = False
             _fail_reason = f"{type(e).__name__}: {e}"
@@ -262,6 +276,8 @@ class Packed:
 def pack(w: torch.Tensor) -> "Packed | torch.Tensor":
     """Pack a [O, K] fp32/bf16 CPU weight for linear(); returns w itself when the
     native kernels are unavailable or K does not fit the layout."""
+    if isinstance(w, QWeight):  # already in its kernel's layout
+        return w
     mod = _native if _native is not None else _load()
     kc = 16 if w.dtype == torch.bfloat16 else 8
     if (not mod or w.device.type != "cpu" or w.dim() != 2 or w.dtype not in (torch.float32, torch.bfloat16)
@@ -270,12 +286,15 @@ def pack(w: torch.Tensor) -> "Packed | torch.Tensor":
     return Packed(w, mod.pack_weight(w.detach()))
 
 
-def linear(x: torch.Tensor, w: "torch.Tensor | Packed") -> torch.Tensor:
-    """y = x @ w.T.  x: [..., K] float32; w: [O, K] float32 or bfloat16, contiguous.
+def linear(x: torch.Tensor, w: "torch.Tensor | Packed | QWeight") -> torch.Tensor:
+    """y = x @ w.T.  x: [..., K] float32; w: [O, K] float32 or bfloat16, contiguous, or
+    a quantized QWeight.
 
     Returns [..., O] float32.  Each row depends only on its x row and w, bit for bit,
     however many rows there are.
     """
+    if isinstance(w, QWeight):
+        return qlinear(x, w)
     mod = _native if _native is not None else _load()
     if isinstance(w, Packed):
         # decode and verification sizes: the packed kernels stream the weights once and
@@ -359,3 +378,152 @@ def qkv_rope_cache(qkv, positions, heads: int, kv_heads: int, q_norm, k_norm, ep
                                   k_cache, v_cache)
     return reference_qkv_rope_cache(qkv, positions, heads, kv_heads, q_norm, k_norm, eps, offset, inv_freq,
                                     k_cache, v_cache)
+
+
+# ---------------------------------------------------------------------------
+# quantized weights (GGUF block types; mtpdraft_qkernels.cpp, layouts in quant.py)
+# ---------------------------------------------------------------------------
+_QSRC = Path(__file__).with_name("mtpdraft_qkernels.cpp")
+_AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]
+_qnative: dict = {}  # isa -> module, or False once loading failed
+_qfail: dict = {}
+
+
+def quant_isa() -> str:
+    """The instruction set the quantized kernels use here: avx512-vnni where the CPU has
+    it (checked at run time), else avx2; MTPDRAFT_QUANT_ISA=avx2 forces the AVX2 build."""
+    forced = os.environ.get("MTPDRAFT_QUANT_ISA", "")
+    if forced:
+        if forced not in ("avx2", "avx512-vnni"):
+            raise ValueError(f"MTPDRAFT_QUANT_ISA must be avx2 or avx512-vnni, got {forced!r}")
+        return forced
+    flags = _cpu_flags()
+    return "avx512-vnni" if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= flags else "avx2"
+
+
+def _qload(isa: str | None = None):
+    mod = _qnative.get(isa or "default")
+    if mod is not None:
+        return mod
+    isa = isa or quant_isa()
+    with _lock:
+        if isa in _qnative:
+            return _qnative[isa]
+        try:
+            if os.environ.get("MTPDRAFT_NO_NATIVE", "") not in ("", "0"):
+                raise RuntimeError("disabled by MTPDRAFT_NO_NATIVE")
+            reason = _cpu_ok()
+            if reason:
+                raise RuntimeError(reason)
+            flags = _CFLAGS + (_AVX512_FLAGS if isa == "avx512-vnni" else [])
+            _qnative[isa] = _build(_QSRC, "mtpdraft_qkernels_" + isa.replace("-", "_") + "_", flags)
+        except Exception as e:  # noqa: BLE001
+            _qnative[isa] = False
+            _qfail[isa] = f"{type(e).__name__}: {e}".splitlines()[0]
+            warnings.warn(f"mtpdraft: native quantized kernels unavailable ({_qfail[isa]}); quantized weights "
+                          "run through dequantizing torch ops -- slow, and batch invariance is NOT guaranteed.",
+                          RuntimeWarning, stacklevel=3)
+        if isa == quant_isa():  # later calls without an isa skip the CPU check
+            _qnative["default"] = _qnative[isa]
+    return _qnative[isa]
+
+
+def require_native(what: str = "speculative decoding") -> None:
+    """Raise a clear error if the batch-invariant kernels cannot be used: without them a
+    k-token verification may round differently from one-token decoding."""
+    if not _load():
+        raise RuntimeError(f"{what} needs mtpdraft's native CPU kernels, which could not be loaded "
+                           f"({_fail_reason.splitlines()[0] if _fail_reason else 'unknown reason'}); "
+                           "use --drafter none for plain decoding")
+    if _qnative.get("default") is False:
+        raise RuntimeError(f"{what} needs mtpdraft's native quantized kernels, which could not be loaded "
+                           f"({'; '.join(_qfail.values())}); use --drafter none, or --dtype bf16")
+
+
+class QWeight:
+    """A [O, K] weight held as quantized records, possibly several parts (row blocks of
+    different types, e.g. a fused q/k/v projection). Never dequantized as a whole for
+    inference; `rows()` gives exact fp32 values of selected rows (embedding lookups)."""
+
+    __slots__ = ("parts", "types", "shape", "_ids")
+
+    def __init__(self, parts: list[torch.Tensor], types: list[str], k: int):
+        from .quant import QTYPES, RECORD
+
+        for p, t in zip(parts, types):
+            n, rb = RECORD[t]
+            if p.dtype != torch.uint8 or p.dim() != 2 or p.shape[1] != k // n * rb or k % n or k % 64:
+                raise ValueError(f"malformed {t} weight: {tuple(p.shape)} {p.dtype} for K={k}")
+        self.parts, self.types = parts, list(types)
+        self.shape = torch.Size([sum(p.shape[0] for p in parts), k])
+        self._ids = [QTYPES[t] for t in types]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() for p in self.parts)
+
+    @property
+    def qtype(self) -> str:
+        return "+".join(sorted(set(self.types)))
+
+    @staticmethod
+    def cat(ws: "list[QWeight]") -> "QWeight":
+        """Row concatenation; adjacent parts of one type are merged into one tensor."""
+        parts, types = [], []
+        for w in ws:
+            for p, t in zip(w.parts, w.types):
+                if types and types[-1] == t:
+                    parts[-1].append(p)
+                else:
+                    parts.append([p])
+                    types.append(t)
+        return QWeight([torch.cat(ps) if len(ps) > 1 else ps[0] for ps in parts], types, ws[0].shape[1])
+
+    def to_huge_pages(self) -> "QWeight":
+        mod = _qload()
+        if mod:
+            self.parts = [mod.huge_copy(p) for p in self.parts]
+        return self
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """fp32 values of rows `ids` (any shape) -> [*ids.shape, K]."""
+        flat = ids.reshape(-1).long()
+        if len(self.parts) != 1:
+            return self.dequantize()[flat].reshape(*ids.shape, self.shape[1])
+        mod = _qload()
+        if mod:
+            out = mod.qrows(self.parts[0], self._ids[0], self.shape[1], flat)
+        else:
+            from .quant import dequantize
+
+            out = torch.from_numpy(dequantize(self.parts[0][flat].numpy(), self.types[0], self.shape[1]))
+        return out.reshape(*ids.shape, self.shape[1])
+
+    def dequantize(self) -> torch.Tensor:
+        """The whole weight in fp32 (for training and tests, never for decoding)."""
+        from .quant import dequantize
+
+        return torch.cat([torch.from_numpy(dequantize(p.numpy(), t, self.shape[1])) for p, t in zip(self.parts, self.types)])
+
+
+def qlinear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """y = x @ w.T for a quantized weight: x [..., K] fp32 -> [..., O] fp32, activations
+    quantized per row in blocks of 32; each row bit-identical however many share the call."""
+    mod = _qload()
+    if mod and x.device.type == "cpu":
+        return mod.qlinear(x if x.dtype == torch.float32 else x.float(), w.parts, w._ids)
+    return F.linear(x.float(), w.dequantize())
+
+
+def take_rows(w: "torch.Tensor | QWeight", ids: torch.Tensor) -> torch.Tensor:
+    """Rows of a weight (dense or quantized) in fp32: an embedding lookup."""
+    if isinstance(w, QWeight):
+        return w.rows(ids)
+    return F.embedding(ids, w).float()
+
+
+def dense(w: "torch.Tensor | QWeight | Packed") -> torch.Tensor:
+    """A weight as an ordinary tensor (quantized ones dequantized to fp32)."""
+    if isinstance(w, QWeight):
+        return w.dequantize()
+    return w.source if isinstance(w, Packed) else w

@@ -42,7 +42,9 @@ class CausalLM(nn.Module):
         self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.norm_offset)
         if not args.tie_word_embeddings:
             self.lm_head = Linear(args.hidden_size, args.vocab_size)
-        self._head = None  # the head weight packed for the streaming GEMV (load_weights)
+        self._head = None  # the head weight packed for the streaming GEMV, or quantized (load_weights)
+        self._qembed = None  # quantized input embedding (tied head), if the weights are quantized
+        self.weights_format = "uninitialized"  # bf16 | fp32 | the quantized types in use (load_weights)
 
     # -- what the decoding loop and the drafters use -------------------------------
     @property
@@ -54,12 +56,16 @@ class CausalLM(nn.Module):
         return self.model.embed_tokens.weight.dtype
 
     @property
-    def head_weight(self) -> torch.Tensor:
+    def head_weight(self) -> "torch.Tensor | kernels.QWeight":
+        """The output table [V, D]: a tensor, or a kernels.QWeight for quantized weights
+        (read rows with kernels.take_rows, or all of it with kernels.dense)."""
+        if isinstance(self._head, kernels.QWeight):
+            return self._head
         return self.model.embed_tokens.weight if self.args.tie_word_embeddings else self.lm_head.weight
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Input embeddings [B, N, D] in fp32, scaled as this family scales them."""
-        e = F.embedding(tokens, self.model.embed_tokens.weight).float()
+        e = kernels.take_rows(self._qembed if self._qembed is not None else self.model.embed_tokens.weight, tokens)
         return e * self.embed_scale if self.embed_scale != 1.0 else e
 
     def per_layer_inputs(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
@@ -112,22 +118,56 @@ class CausalLM(nn.Module):
         return out
 
     # -- loading --------------------------------------------------------------------
-    def load_weights(self, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-        """Copy HF-named tensors in (missing/unexpected names are an error)."""
+    def load_weights(self, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                     quant: "dict[str, kernels.QWeight] | None" = None) -> None:
+        """Copy HF-named tensors in (missing/unexpected names are an error). `quant` holds
+        quantized matrices by the same names: they replace those tensors (the activations
+        and the KV cache then use `dtype`)."""
+        quant = quant or {}
         params = dict(self.named_parameters())
-        missing = sorted(set(params) - set(weights))
-        unexpected = sorted(set(weights) - set(params))
+        missing = sorted(set(params) - set(weights) - set(quant))
+        unexpected = sorted((set(weights) | set(quant)) - set(params))
         if missing or unexpected:
             raise ValueError(f"checkpoint does not match the {type(self).__module__} architecture: "
                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
         for name, p in params.items():
-            w = weights[name]
-            if w.shape != p.shape:
+            w = quant[name] if name in quant else weights[name]
+            if tuple(w.shape) != tuple(p.shape):
                 raise ValueError(f"tensor {name}: checkpoint shape {tuple(w.shape)} != model shape {tuple(p.shape)}")
+            if name in quant:
+                p.data = torch.empty(0, dtype=dtype)  # the quantized copy is the weight
+                continue
             keep_fp32 = p.ndim == 1  # norm scales stay fp32 (tiny, read once)
             p.data = w.to(torch.float32 if keep_fp32 else dtype).contiguous()
+        for name, m in self.named_modules():
+            if isinstance(m, Linear) and name + ".weight" in quant:
+                m.qweight = quant[name + ".weight"]
         for m in self.modules():  # fused projections: fewer kernel calls per step
             if hasattr(m, "fuse") and m is not self:
                 m.fuse()
-        self._head = kernels.pack(self.head_weight)  # the biggest matrix: stream it
+        head_name = "model.embed_tokens.weight" if self.args.tie_word_embeddings else "lm_head.weight"
+        if "model.embed_tokens.weight" in quant:
+            self._qembed = quant["model.embed_tokens.weight"].to_huge_pages()
+        if head_name in quant:
+            self._head = quant[head_name]
+            if self._head is not self._qembed:
+                self._head.to_huge_pages()
+        else:
+            self._head = kernels.pack(self.head_weight)  # the biggest matrix: stream it
+        types = sorted({t for q in quant.values() for t in q.types})
+        self.weights_format = "+".join(types) if types else str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
+        if types and len(quant) < sum(p.ndim == 2 for p in params.values()):
+            self.weights_format += f" (+{str(dtype).removeprefix('torch.').replace('bfloat16', 'bf16')})"
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights a decode step reads (quantized matrices at their own size)."""
+        seen, total = set(), 0
+        for m in self.modules():
+            q = getattr(m, "qweight", None)
+            if q is not None and id(q) not in seen:
+                seen.add(id(q))
+                total += q.nbytes
+        if isinstance(self._head, kernels.QWeight) and id(self._head) not in seen:
+            total += self._head.nbytes
+        return total + sum(p.numel() * p.element_size() for p in self.parameters())

@@ -84,9 +84,11 @@ class Model(CausalLM):
         # HF keeps the scale in the embedding dtype, so bf16 rounds sqrt(D) first.
         self.embed_scale = float(torch.tensor(args.hidden_size ** 0.5, dtype=torch.float32))
 
-    def load_weights(self, weights, dtype):
-        super().load_weights(weights, dtype)
-        self.embed_scale = float(torch.tensor(self.args.hidden_size ** 0.5).to(dtype))
+    def load_weights(self, weights, dtype, quant=None):
+        super().load_weights(weights, dtype, quant)
+        # a quantized embedding is read in exact fp32 (as llama.cpp scales it); dense ones as HF does
+        emb_dtype = torch.float32 if self._qembed is not None else dtype
+        self.embed_scale = float(torch.tensor(self.args.hidden_size ** 0.5).to(emb_dtype))
 
 
 def sanitize(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -281,8 +281,8 @@ class Model(CausalLM):
             self.model.per_layer_projection_norm = RMSNorm(P, args.rms_norm_eps)
             self.ple_scale = float(torch.tensor(P ** 0.5, dtype=torch.float32))
 
-    def load_weights(self, weights, dtype):
-        super().load_weights(weights, dtype)
+    def load_weights(self, weights, dtype, quant=None):
+        super().load_weights(weights, dtype, quant)
         # HF keeps the scales in the embedding dtype, so bf16 rounds sqrt(D) first.
         self.embed_scale = float(torch.tensor(self.args.hidden_size ** 0.5).to(dtype))
         if self.args.hidden_size_per_layer_input:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .. import kernels
 from ..models.base import CausalLM
 
 PROMPTS_FILE = Path(__file__).resolve().parent.parent / "data" / "train_prompts.jsonl"
@@ -85,7 +86,7 @@ def generate_batch(model: CausalLM, jobs: list[Job], eos_ids: set[int], fast_hea
         probs = torch.softmax(logits.float() / j.temperature, -1)
         return int(torch.multinomial(probs, 1, generator=gens[i]))
 
-    head = model.head_weight.to(torch.bfloat16) if fast_head else None
+    head = kernels.dense(model.head_weight).to(torch.bfloat16) if fast_head else None
     for i, j in enumerate(jobs):  # per-row prefill on the B=1 view of row i
         view = cache.rows(i, i + 1)
         out = model.prefill(torch.tensor([j.prompt]), view)

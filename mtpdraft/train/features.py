@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
 from ..models.base import CausalLM
 
 
@@ -128,7 +129,7 @@ def compute_features(model: CausalLM, seqs: list[dict], layers: list[int], batch
             lab[:-1] = torch.tensor(sq["tokens"][1:])
             if sq.get("greedy_from", sq["prompt_len"]) < 0:  # sampled text: the target's argmax is the label
                 if head is None:
-                    head = model.head_weight.to(torch.bfloat16)
+                    head = kernels.dense(model.head_weight).to(torch.bfloat16)
                 lo = sq["prompt_len"] - 1
                 lab[lo:] = F.linear(H[b, lo:n].to(torch.bfloat16), head).argmax(-1)
             out_lab[g] = lab
