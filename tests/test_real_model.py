@@ -10,7 +10,7 @@ import torch
 import mtpdraft
 from mtpdraft.config import SamplingParams, SpecParams
 from mtpdraft.decoding import generate
-from mtpdraft.drafters import MTPConfig, MTPDrafter, MTPDraftSource, NgramDrafter
+from mtpdraft.drafters import MTPConfig, MTPDrafter, MTPDraftSource, NgramDrafter, make_drafter
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,8 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["bf16", "fp32"])
+# auto = the GGUF file's own quantized blocks (the default); fp32 = the dense path
+@pytest.fixture(scope="module", params=["auto", "fp32"])
 def real(request):
     return mtpdraft.load("gemma-3-270m", request.param)
 
@@ -62,13 +63,33 @@ def _greedy(model, tok, prompt, drafter=None, n=128):
 def test_speculative_identical_to_plain_on_30_prompts(real):
     model, tok = real
     mtp = MTPDrafter.random(MTPConfig.for_target(model), seed=0).to_dtype(model.dtype)  # untrained
+    drafters = [("ngram", NgramDrafter()), ("mtp", MTPDraftSource(mtp))]
+    if model.weights_format != "fp32":  # the shipped drafter with prompt lookup: many accepted tokens
+        drafters.append(("auto", make_drafter("auto", model, "gemma-3-270m")))
     mismatches = []
     for p in PROMPTS:
         plain = _greedy(model, tok, p)
-        for name, d in [("ngram", NgramDrafter()), ("mtp", MTPDraftSource(mtp))]:
+        for name, d in drafters:
             if _greedy(model, tok, p, d) != plain:
                 mismatches.append((name, p))
     assert not mismatches
+
+
+def test_default_weights_are_the_files_quantized_blocks():
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from mtpdraft.kernels.quant import dequantize
+    from mtpdraft.models import QUANT_FILE, load_quant
+
+    model, _ = mtpdraft.load("gemma-3-270m")
+    assert model.weights_format == "Q4_K+Q5_0+Q6_K+Q8_0"
+    assert 230 * 2**20 < model.weight_bytes() < 240 * 2**20  # the file's 235 MiB, not 536 MB of bf16
+    quant = load_quant(model.path / QUANT_FILE)
+    dense = load_file(str(model.path / "model.safetensors"))
+    assert len(quant) == 18 * 7 + 1  # every projection and the tied embedding/head
+    for name, q in quant.items():  # bit for bit the values transformers dequantizes from the file
+        assert np.array_equal(dequantize(q.parts[0].numpy(), q.types[0], q.shape[1]), dense[name].numpy()), name
 
 
 @pytest.fixture(scope="module")

@@ -82,6 +82,16 @@ def load_quant(path: Path) -> dict[str, "object"]:
         raise ValueError(f"malformed quantized weights file {path}: {e}") from e
 
 
+def quant_summary(path: Path) -> "tuple[str, int] | None":
+    """(types, bytes) of a directory's GGUF-quantized weights, read from the file header only."""
+    f = Path(path) / QUANT_FILE
+    if not f.is_file():
+        return None
+    with safe_open(str(f), "pt") as sf:
+        meta = json.loads((sf.metadata() or {}).get("weights", "{}"))
+    return "+".join(sorted({t for t, _ in meta.values()})), f.stat().st_size
+
+
 def quantizable(model: CausalLM) -> set[str]:
     """Names of the matrices a quantized format stores quantized: every Linear weight
     and the embedding table whose input width is a multiple of 64."""

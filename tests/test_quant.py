@@ -1,0 +1,208 @@
+"""Quantized weights: layouts, exact values, kernel arithmetic, bit invariance (rows,
+threads, instruction sets), and decoding with quantized tiny models."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import mtpdraft
+import mtpdraft.kernels as K
+from mtpdraft.config import SamplingParams, SpecParams
+from mtpdraft.decoding import generate
+from mtpdraft.drafters import MTPConfig, MTPDrafter, MTPDraftSource, NgramDrafter, make_drafter
+from mtpdraft.kernels.quant import GGUF_BLOCK, dequantize, quantize_q8_0, repack_gguf
+from mtpdraft.testing import tiny_model_dir
+
+TYPES = list(GGUF_BLOCK)
+ISAS = ["avx2"] + (["avx512-vnni"] if K.quant_isa() == "avx512-vnni" else [])
+
+
+def random_gguf_blocks(qtype: str, rows: int, k: int, seed: int) -> np.ndarray:
+    """Random raw GGUF blocks of `qtype` with finite, moderate fp16 scales."""
+    rng = np.random.default_rng(seed)
+    bs, bb = GGUF_BLOCK[qtype]
+    raw = rng.integers(0, 256, size=(rows, k // bs, bb), dtype=np.uint8)
+
+    def f16(n):
+        return (rng.uniform(0.5, 2.0, size=(rows, k // bs, n)) * 2e-3).astype(np.float16).view(np.uint8)
+
+    if qtype in ("Q8_0", "Q4_0", "Q5_0"):
+        raw[..., 0:2] = f16(1)
+    elif qtype == "Q4_1":
+        raw[..., 0:4] = f16(2)
+    elif qtype == "Q4_K":
+        raw[..., 0:4] = f16(2)
+    elif qtype == "Q6_K":
+        raw[..., 208:210] = f16(1)
+    return raw.reshape(rows, -1)
+
+
+def qweight(qtype, rows, k, seed):
+    raw = random_gguf_blocks(qtype, rows, k, seed)
+    rec = repack_gguf(raw, qtype, rows, k)
+    ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).reshape(rows, k)
+    return K.QWeight([torch.from_numpy(rec)], [qtype], k), torch.from_numpy(ref.astype(np.float32))
+
+
+def act_quant_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T with x quantized per 32 as the kernels do (float64 accumulation)."""
+    b = x.reshape(x.shape[0], -1, 32)
+    amax = b.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(b * inv).clamp(-127, 127)
+    xd = (q.double() * (amax / 127.0).double()).reshape(x.shape)
+    return (xd @ w.double().T).float()
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_repack_dequantizes_to_the_files_values(qtype):
+    for k in (256, 768):
+        raw = random_gguf_blocks(qtype, 5, k, seed=k)
+        rec = repack_gguf(raw, qtype, 5, k)
+        want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).reshape(5, k)
+        assert np.array_equal(dequantize(rec, qtype, k), want)
+        # same bytes per weight as the file, except Q4_K's 6-bit scales unpacked (+4 of 144 bytes)
+        assert rec.nbytes * 144 <= raw.nbytes * 148
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", TYPES)
+def test_qrows_exact_and_qlinear_matches_reference(qtype, isa):
+    w, ref = qweight(qtype, 70, 512, seed=1)
+    mod = K._qload(isa)
+    ids = torch.tensor([0, 69, 5, 5, 33])
+    assert torch.equal(mod.qrows(w.parts[0], w._ids[0], 512, ids), ref[ids])
+    x = torch.randn(9, 512, generator=torch.Generator().manual_seed(0))
+    got = mod.qlinear(x, w.parts, w._ids)
+    torch.testing.assert_close(got, act_quant_reference(x, ref), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_qlinear_bit_invariant_over_rows_threads_and_isas(qtype):
+    w, _ = qweight(qtype, 131, 768, seed=2)
+    x = torch.randn(18, 768, generator=torch.Generator().manual_seed(1)) * 3
+    base = K._qload(ISAS[0]).qlinear(x, w.parts, w._ids)
+    before = torch.get_num_threads()
+    try:
+        for isa in ISAS:
+            mod = K._qload(isa)
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                for n in range(1, 19):
+                    assert torch.equal(mod.qlinear(x[:n], w.parts, w._ids), base[:n]), (isa, threads, n)
+                for i in (0, 7, 17):  # a row alone == the same row among others
+                    assert torch.equal(mod.qlinear(x[i:i + 1], w.parts, w._ids)[0], base[i])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_mixed_type_parts_equal_separate_calls():
+    a, _ = qweight("Q5_0", 40, 640, seed=3)
+    b, _ = qweight("Q8_0", 24, 640, seed=4)
+    c, _ = qweight("Q5_0", 8, 640, seed=5)
+    fused = K.QWeight.cat([a, b, c])
+    assert fused.types == ["Q5_0", "Q8_0", "Q5_0"] and fused.shape == (72, 640)
+    x = torch.randn(7, 640)
+    want = torch.cat([K.qlinear(x, a), K.qlinear(x, b), K.qlinear(x, c)], -1)
+    assert torch.equal(K.qlinear(x, fused), want)
+    merged = K.QWeight.cat([a, c])  # adjacent parts of one type become one tensor
+    assert merged.types == ["Q5_0"] and len(merged.parts) == 1
+
+
+def test_q8_0_quantization_round_trip():
+    w = torch.randn(33, 128) * 0.05
+    rec = quantize_q8_0(w)
+    deq = torch.from_numpy(dequantize(rec, "Q8_0", 128))
+    scale = w.reshape(33, 4, 32).abs().amax(-1, keepdim=True) / 127
+    assert ((deq - w).reshape(33, 4, 32).abs() <= scale * 0.5 + 1e-7).all()
+    assert rec.nbytes == 33 * 128 // 64 * 68
+
+
+def test_malformed_quantized_weight_is_refused():
+    with pytest.raises(ValueError, match="malformed Q8_0"):
+        K.QWeight([torch.zeros(4, 10, dtype=torch.uint8)], ["Q8_0"], 64)
+    with pytest.raises(ValueError, match="malformed"):
+        K.QWeight([torch.zeros(4, 68, dtype=torch.uint8)], ["Q8_0"], 96)
+
+
+# ---------------------------------------------------------------------------
+# models with quantized weights
+# ---------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def quant_cache(tmp_path, monkeypatch):
+    """q8_0 caches go to a temporary directory (the compiled kernels stay where they are)."""
+    import mtpdraft.registry
+
+    monkeypatch.setattr(mtpdraft.registry, "cache_root", lambda: tmp_path / "cache")
+
+
+@pytest.fixture
+def q8_model(tmp_path):
+    return tiny_model_dir(tmp_path / "tiny_q8", "gemma3_text", seed=3)
+
+
+def test_q8_0_load_is_cached_and_smaller(q8_model):
+    from mtpdraft.models import _q8_0_cache, load_model_dir
+
+    dense = load_model_dir(q8_model, "bf16")
+    q = load_model_dir(q8_model, "q8_0")
+    assert _q8_0_cache(q8_model).is_file()
+    assert q.weights_format == "Q8_0" and dense.weights_format == "bf16"
+    assert q.weight_bytes() < dense.weight_bytes() * 0.6
+    again = load_model_dir(q8_model, "q8_0")  # from the cache: same bits
+    toks = torch.tensor([[5, 9, 33, 2, 7]])
+    a = q(toks, q.new_cache(1, 64)).logits
+    assert torch.equal(a, again(toks, again.new_cache(1, 64)).logits)
+    torch.testing.assert_close(a, dense(toks, dense.new_cache(1, 64)).logits, atol=0.1, rtol=0.05)
+
+
+def test_gguf_format_needs_a_converted_gguf(q8_model):
+    from mtpdraft.models import load_model_dir
+
+    with pytest.raises(ValueError, match="not converted from a GGUF"):
+        load_model_dir(q8_model, "gguf")
+    assert load_model_dir(q8_model, "auto").weights_format == "bf16"
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        load_model_dir(q8_model, "int3")
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "llama"])
+def test_quantized_rows_invariant_and_speculative_identical(tmp_path, family):
+    from mtpdraft.models import load_model_dir
+
+    model = load_model_dir(tiny_model_dir(tmp_path / "m", family, seed=4), "q8_0")
+    assert "Q8_0" in model.weights_format
+    toks = torch.randint(4, 500, (1, 12), generator=torch.Generator().manual_seed(0))
+    cache = model.new_cache(1, 64)
+    model.prefill(toks[:, :4], cache)
+    full = model(toks[:, 4:12], cache).logits[0]
+    for n in (1, 3, 8):  # the same positions computed n at a time
+        cache = model.new_cache(1, 64)
+        model.prefill(toks[:, :4], cache)
+        parts = [model(toks[:, s:s + n], cache).logits[0] for s in range(4, 12, n)]
+        assert torch.equal(torch.cat(parts)[:8], full)
+    mtp = MTPDraftSource(MTPDrafter.random(MTPConfig.for_target(model), seed=1).to_dtype(model.dtype))
+    for prompt in ([5, 6, 7, 8], [9, 9, 9, 9, 9, 9], list(range(20, 60))):
+        plain = list(generate(model, prompt, SamplingParams(max_new_tokens=40, ignore_eos=True)))
+        for d in (NgramDrafter(), mtp):
+            for k in (1, 3, 6):
+                got = list(generate(model, prompt, SamplingParams(max_new_tokens=40, ignore_eos=True), drafter=d,
+                                    spec=SpecParams(draft_len=k)))
+                assert got == plain, (type(d).__name__, k)
+
+
+def test_drafting_without_native_kernels_is_an_error(monkeypatch, tmp_path):
+    from mtpdraft.models import load_model_dir
+
+    model = load_model_dir(tiny_model_dir(tmp_path / "m", "gemma3_text"), "bf16")
+    monkeypatch.setattr(K, "_native", False)
+    monkeypatch.setattr(K, "_fail_reason", "RuntimeError: no compiler")
+    with pytest.raises(RuntimeError, match="native CPU kernels.*no compiler"):
+        make_drafter("ngram", model)
+    assert make_drafter("none", model) is None  # plain decoding still works (with the warning)
+
+
+def test_api_load_defaults_to_auto(tmp_path):
+    model, _ = mtpdraft.load(str(tiny_model_dir(tmp_path / "m", "llama")))
+    assert model.weights_format == "bf16"  # not from a GGUF: dense bf16
