@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import shutil
 import socket
@@ -11,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -35,8 +37,8 @@ TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% en
 
 class Server:
     def __init__(self, model_dir, **kw):
-        self.app, self.engine = build_app(str(model_dir), drafter="ngram", dtype="fp32", max_context=CTX,
-                                           **{"spec_off_batch": 0, **kw})
+        self.app, self.engine = build_app(str(model_dir), drafter="ngram", dtype="fp32",
+                                           **{"max_context": CTX, "spec_off_batch": 0, **kw})
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
@@ -254,7 +256,20 @@ BAD = [
     ({"model": "tiny-chat", "prompt": "x", "temperature": "hot"}, None),
     ({"model": "tiny-chat", "prompt": "x", "top_p": 0}, None),
     ({"model": "tiny-chat", "prompt": "x", "top_p": 1.5}, None),
-    ({"model": "tiny-chat", "prompt": "x", "n": 2}, None),
+    ({"model": "tiny-chat", "prompt": "x", "n": 0}, None),
+    ({"model": "tiny-chat", "prompt": "x", "n": 1000}, None),
+    ({"model": "tiny-chat", "prompt": ["x"] * 40, "n": 2}, None),
+    ({"model": "tiny-chat", "prompt": "x", "best_of": 2}, None),
+    ({"model": "tiny-chat", "prompt": "x", "suffix": "y"}, None),
+    ({"model": "tiny-chat", "prompt": "x", "logprobs": 21}, None),
+    ({"model": "tiny-chat", "prompt": "x", "logprobs": -1}, None),
+    ({"model": "tiny-chat", "prompt": "x", "stream_options": {"include_usage": True}}, None),
+    ({"model": "tiny-chat", "prompt": "x", "logit_bias": {"abc": 1.0}}, None),
+    ({"model": "tiny-chat", "prompt": "x", "logit_bias": {"100000": 1.0}}, None),
+    ({"model": "tiny-chat", "prompt": "x", "logit_bias": {"5": 101}}, None),
+    ({"model": "tiny-chat", "prompt": "x", "frequency_penalty": -2.5}, None),
+    (b'{"model": "tiny-chat", "prompt": "lone \\ud800 surrogate"}', None),
+    ({"model": "tiny-chat", "prompt": [[1, 2], []]}, None),
     ({"model": "tiny-chat", "prompt": "x", "stop": [""]}, None),
     ({"model": "tiny-chat", "prompt": "x", "stop": 5}, None),
     ({"model": "tiny-chat", "prompt": "x", "stream": "yes"}, None),
@@ -262,9 +277,9 @@ BAD = [
     ({"model": "tiny-chat", "prompt": "x", "draft_len": 1000}, None),
     ({"model": "tiny-chat", "prompt": "x", "speculative": "maybe"}, None),
     ({"model": "tiny-chat", "prompt": [10 ** 9]}, None),
-    ({"model": "tiny-chat", "prompt": ["a", "b"]}, None),
+    ({"model": "tiny-chat", "prompt": ["a", 5]}, None),
     ({"model": "tiny-chat", "prompt": "x", "seed": -1}, None),
-    ({"model": "tiny-chat", "prompt": "x", "presence_penalty": 1.0}, None),
+    ({"model": "tiny-chat", "prompt": "x", "presence_penalty": 2.5}, None),
     ({"model": "nope", "prompt": "x"}, 404),
 ]
 BAD_CHAT = [
@@ -274,6 +289,9 @@ BAD_CHAT = [
     {"model": "tiny-chat", "messages": [{"role": "user"}], "max_tokens": 4},  # encodes fine; see below
     {"model": "tiny-chat", "messages": [{"role": "user", "content": 5}]},
     {"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": CTX * 4},
+    {"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+    {"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+    {"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], "tools": []},
     {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
 ]
 
@@ -307,7 +325,7 @@ def test_malformed_requests(srv):
     with pytest.raises(openai.NotFoundError):
         srv.client().completions.create(model="other", prompt="x", max_tokens=2)
     with pytest.raises(openai.BadRequestError):
-        srv.client().completions.create(model="tiny-chat", prompt="x", max_tokens=2, n=3)
+        srv.client().completions.create(model="tiny-chat", prompt="x", max_tokens=2, best_of=3)
     assert httpx.get(srv.url + "/health").json()["status"] == "ok"
 
 
@@ -436,3 +454,278 @@ def test_no_template_queue_full_and_shutdown(dirs):
     t.join(timeout=10)
     assert not t.is_alive()
     assert not s.engine.alive and s.engine.num_active == 0
+
+
+# -- issue 13: stops while streaming, OpenAI fields, failures and disconnects ------------------
+def _stream_completion(c, **kw):
+    parts = list(c.completions.create(model="tiny-chat", stream=True, **kw))
+    return "".join(p.choices[0].text for p in parts if p.choices), parts[-1].choices[0].finish_reason
+
+
+def test_stream_never_sends_what_the_response_cuts(srv, ref):
+    """Every stop shape: streamed text == non-streamed text == generate()'s StopChecker text."""
+    c = srv.client()
+    prompt, n = "abc abc abc abc", 60
+    kw = dict(prompt=prompt, max_tokens=n, temperature=0, extra_body={"ignore_eos": True})
+    full = c.completions.create(model="tiny-chat", **kw).choices[0].text
+    printable = [i for i in range(1, len(full) - 3) if all(32 <= ord(ch) < 127 for ch in full[i:i + 3])]
+    i, j = printable[0], printable[len(printable) // 2]
+    shapes = [[full[i]], [full[i:i + 2]], [full[0]], [full[i] + "\x01"], [full[j:j + 3], full[i + 1]],
+              [full[i:i + 2], full[i + 1:i + 3]], ["never-seen"], [full[i:] + "more"]]
+    model, tok = ref.model, ref.tok
+    for stop in shapes:
+        sp = SamplingParams(max_new_tokens=n, temperature=0.0, stop=tuple(stop), ignore_eos=True)
+        stopper = StopChecker(sp, eos_ids_of(model, tok), tok)
+        list(generate(model, tok(prompt).input_ids, sp, tokenizer=tok, stopper=stopper, max_len=CTX))
+        r = c.completions.create(model="tiny-chat", stop=stop, **kw)
+        streamed, fr = _stream_completion(c, stop=stop, **kw)
+        assert r.choices[0].text == streamed == stopper.text(), stop
+        assert r.choices[0].finish_reason == fr == ("stop" if stopper.reason == "stop" else "length")
+    # chat streams hold back the same way
+    msgs = [{"role": "user", "content": "count: 1. 2. 3."}]
+    whole = c.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=40, temperature=0)
+    text = whole.choices[0].message.content
+    stop = [text[len(text) // 2]] if text else ["x"]
+    r = c.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=40, temperature=0, stop=stop)
+    chunks = c.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=40, temperature=0, stop=stop,
+                                       stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == r.choices[0].message.content
+
+
+def test_tiny_temperature_is_greedy(srv, ref):
+    c = srv.client()
+    p = PROMPTS[0]
+    for t in (1e-40, 1e-300):
+        r = c.completions.create(model="tiny-chat", prompt=p, max_tokens=20, temperature=t)
+        assert r.model_extra["mtpdraft"]["token_ids"] == ref(ref.tok(p).input_ids, 20)
+
+
+def target_logprobs(ref, prompt_ids, gen_ids):
+    """The target's log-softmax over prompt + generated in one forward: [len - 1, V]."""
+    seq = prompt_ids + gen_ids
+    out = ref.model(torch.tensor([seq[:-1]]), ref.model.new_cache(1, CTX), logits="all")
+    return torch.log_softmax(out.logits[0].float(), -1)
+
+
+def test_logprobs_are_the_targets_log_softmax(srv, ref):
+    c = srv.client()
+    p = PROMPTS[2]
+    ids = ref.tok(p).input_ids
+    for kw in ({"temperature": 0}, {"temperature": 0.9, "seed": 5, "top_k": 20}):
+        r = c.completions.create(model="tiny-chat", prompt=p, max_tokens=24, logprobs=3,
+                                 extra_body={"ignore_eos": True, **{k: v for k, v in kw.items() if k == "top_k"}},
+                                 **{k: v for k, v in kw.items() if k != "top_k"})
+        gen = r.model_extra["mtpdraft"]["token_ids"]
+        lp = target_logprobs(ref, ids, gen)[len(ids) - 1:]
+        got = r.choices[0].logprobs
+        assert got.token_logprobs == pytest.approx([lp[j, t].item() for j, t in enumerate(gen)], abs=1e-4)
+        assert got.tokens == [ref.tok.decode([t]) for t in gen]
+        best = lp.topk(3, -1)
+        for j, top in enumerate(got.top_logprobs):
+            assert sorted(top.values(), reverse=True) == pytest.approx(best.values[j].tolist(), abs=1e-4) or \
+                len(top) < 3  # two ids may decode to the same string
+        assert got.text_offset == [sum(len(s) for s in got.tokens[:j]) for j in range(len(gen))]
+        if kw["temperature"] == 0:
+            assert got.token_logprobs == pytest.approx(best.values[:, 0].tolist(), abs=1e-4)
+
+    # chat: logprobs + top_logprobs, streamed and not
+    msgs = [{"role": "user", "content": "hi there hi there"}]
+    rendered = "<|user|>hi there hi there\n<|assistant|>"
+    ids = ref.tok(rendered, add_special_tokens=False).input_ids
+    r = c.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=16, temperature=0, logprobs=True,
+                                  top_logprobs=2)
+    gen = r.model_extra["mtpdraft"]["token_ids"]
+    lp = target_logprobs(ref, ids, gen)[len(ids) - 1:]
+    content = r.choices[0].logprobs.content
+    assert [e.logprob for e in content] == pytest.approx([lp[j, t].item() for j, t in enumerate(gen)], abs=1e-4)
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob == pytest.approx(e.logprob, abs=1e-4)
+               for e in content)
+    assert content[0].bytes == list(content[0].token.encode())
+    chunks = list(c.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=16, temperature=0,
+                                            logprobs=True, top_logprobs=2, stream=True))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    r = c.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=4, temperature=0)
+    assert r.choices[0].logprobs is None
+
+
+def test_echo_and_prompt_logprobs(srv, ref):
+    c = srv.client()
+    p = PROMPTS[0]
+    ids = ref.tok(p).input_ids
+    plain = c.completions.create(model="tiny-chat", prompt=p, max_tokens=8, temperature=0)
+    r = c.completions.create(model="tiny-chat", prompt=p, max_tokens=8, temperature=0, echo=True)
+    assert r.choices[0].text == p + plain.choices[0].text
+    r = c.completions.create(model="tiny-chat", prompt=p, max_tokens=8, temperature=0, echo=True, logprobs=1)
+    gen = r.model_extra["mtpdraft"]["token_ids"]
+    lp = target_logprobs(ref, ids, gen)
+    got = r.choices[0].logprobs
+    seq = ids + gen
+    assert got.tokens == [ref.tok.decode([t]) for t in seq]
+    assert got.token_logprobs[0] is None and got.top_logprobs[0] is None
+    assert got.token_logprobs[1:] == pytest.approx([lp[j, t].item() for j, t in enumerate(seq[1:])], abs=1e-4)
+    assert got.text_offset[len(ids)] == len(p)
+    # streamed: the echo (with the prompt's logprobs) comes first; the whole adds up to the same
+    parts = list(c.completions.create(model="tiny-chat", prompt=p, max_tokens=8, temperature=0, echo=True,
+                                      logprobs=1, stream=True))
+    assert "".join(x.choices[0].text for x in parts) == r.choices[0].text
+    assert [t for x in parts if x.choices[0].logprobs for t in x.choices[0].logprobs.tokens] == got.tokens
+    # token-id prompts echo their decoded text
+    r = c.completions.create(model="tiny-chat", prompt=ids, max_tokens=3, temperature=0, echo=True)
+    assert r.choices[0].text.startswith(ref.tok.decode(ids))
+
+
+def test_n_and_prompt_lists(srv, ref):
+    c = srv.client()
+    ps = [PROMPTS[0], PROMPTS[3]]
+    r = c.completions.create(model="tiny-chat", prompt=ps, n=2, max_tokens=15, temperature=0)
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
+    for ch in r.choices:
+        want = ref(ref.tok(ps[ch.index // 2]).input_ids, 15)
+        assert ch.model_extra["mtpdraft"]["token_ids"] == want
+        assert ch.text == ref.tok.decode(want, skip_special_tokens=True)
+    assert r.usage.prompt_tokens == sum(len(ref.tok(p).input_ids) for p in ps)
+    assert r.usage.completion_tokens == sum(len(ch.model_extra["mtpdraft"]["token_ids"]) for ch in r.choices)
+    # token-id prompt lists are the same prompts
+    r2 = c.completions.create(model="tiny-chat", prompt=[ref.tok(p).input_ids for p in ps], max_tokens=15,
+                              temperature=0)
+    assert [ch.text for ch in r2.choices] == [r.choices[0].text, r.choices[2].text]
+    # sampled: choice j uses seed + j, so choice 0 is the single request's sample
+    kw = dict(model="tiny-chat", prompt="sample me", max_tokens=20, temperature=1.0, seed=11,
+              extra_body={"ignore_eos": True})
+    many = c.completions.create(n=3, **kw)
+    one = c.completions.create(**kw)
+    assert many.choices[0].text == one.choices[0].text
+    assert len({ch.text for ch in many.choices}) > 1
+    # chat, streamed: deltas per index add up to the non-streamed choices; usage counts all of them
+    msgs = [{"role": "user", "content": "be brief"}]
+    full = c.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=12, temperature=0.8, seed=2, n=2)
+    chunks = list(c.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=12, temperature=0.8, seed=2,
+                                            n=2, stream=True, stream_options={"include_usage": True}))
+    texts = ["", ""]
+    for ch in chunks:
+        for choice in ch.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [ch.message.content for ch in full.choices]
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_penalties_and_logit_bias(srv, ref):
+    c = srv.client()
+    p = PROMPTS[1]
+    ids = ref.tok(p).input_ids
+    pen = {"presence_penalty": 0.8, "frequency_penalty": 0.5}
+    want = ref(ids, 30, ignore_eos=True, **pen)
+    assert want != ref(ids, 30, ignore_eos=True)
+    for spec in (True, False):
+        r = c.completions.create(model="tiny-chat", prompt=p, max_tokens=30, temperature=0, **pen,
+                                 extra_body={"ignore_eos": True, "speculative": spec})
+        assert r.model_extra["mtpdraft"]["token_ids"] == want
+    r = c.completions.create(model="tiny-chat", prompt=p, max_tokens=6, temperature=0.7, logit_bias={"70": 100})
+    assert r.model_extra["mtpdraft"]["token_ids"] == [70] * 6
+
+
+def test_chunked_body_limit(srv):
+    def body(pad):
+        yield b'{"model": "tiny-chat", "prompt": "x", "max_tokens": 2'
+        for _ in range(pad // 65536):
+            yield b" " * 65536
+        yield b"}"
+
+    with httpx.Client(base_url=srv.url, timeout=30) as h:
+        r = h.post("/v1/completions", content=body(1 << 20), headers={"content-type": "application/json"})
+        assert r.status_code == 200
+        try:
+            r = h.post("/v1/completions", content=body(6 << 20), headers={"content-type": "application/json"})
+        except httpx.HTTPError:  # the server may answer 413 and close before the upload ends
+            return
+        _check_error(r, 413)
+        assert r.json()["error"]["code"] == "body_too_large"
+
+
+@pytest.fixture(scope="module")
+def slow_srv(dirs):
+    """A server whose every forward takes 10 ms longer: requests are still running when
+    the test acts on them."""
+    s = Server(dirs[0], max_batch=8, max_queue=16)
+    forward = s.engine.model.forward
+
+    def slow(*a, **kw):
+        time.sleep(0.01)
+        return forward(*a, **kw)
+
+    s.engine.model.forward = slow
+    yield s
+    s.stop()
+
+
+def test_disconnects_free_their_rows(slow_srv):
+    s = slow_srv
+    n = CTX - 10  # ~4 s of decoding: far longer than the test waits
+    key = 'mtpdraft_finished_generation_tokens_total{status="cancelled"}'
+    for stream in (False, True):
+        s.wait_idle()
+        m0 = s.metrics()
+        body = {"model": "tiny-gemma", "prompt": "abc", "max_tokens": n, "ignore_eos": True, "temperature": 0.7,
+                "speculative": False, "stream": stream}
+        with httpx.Client(base_url=s.url, timeout=httpx.Timeout(30, read=0.3)) as h:
+            if stream:
+                with h.stream("POST", "/v1/completions", json=body) as r:
+                    for i, _ in enumerate(r.iter_lines()):
+                        if i >= 2:
+                            break
+            else:
+                with pytest.raises(httpx.ReadTimeout):
+                    h.post("/v1/completions", json=body)
+        s.wait_idle(timeout=3.0)
+        m1 = s.metrics()
+        assert m1['mtpdraft_requests_total{status="cancelled"}'] - m0['mtpdraft_requests_total{status="cancelled"}'] == 1
+        assert m1[key] - m0[key] < n // 2
+
+
+def test_a_failing_row_fails_alone(slow_srv, ref, monkeypatch):
+    """One row fails in verification, another makes the batched forward raise: both get a
+    500, their batch-mates finish with exactly their single-request tokens."""
+    import mtpdraft.serve.engine as engine_mod
+
+    s = slow_srv
+    verify, forward = engine_mod.verify, s.engine.model.forward
+    calls = collections.Counter()
+
+    def bad_verify(draft, draft_probs, logits, sp, gen=None):
+        if sp.seed == 4242:  # the prefill's and two cycles' verifications pass
+            calls[id(sp)] += 1
+            if calls[id(sp)] > 3:
+                raise RuntimeError("injected verification failure")
+        return verify(draft, draft_probs, logits, sp, gen)
+
+    def bad_forward(tokens, cache, logits="all"):
+        if any(n >= 150 for n in cache.lengths):
+            raise RuntimeError("injected forward failure")
+        return forward(tokens, cache, logits)
+
+    monkeypatch.setattr(engine_mod, "verify", bad_verify)
+    monkeypatch.setattr(s.engine.model, "forward", bad_forward)
+    s.wait_idle()
+
+    def post(body):
+        with httpx.Client(base_url=s.url, timeout=60) as h:
+            return h.post("/v1/completions", json={"model": "tiny-gemma", "max_tokens": 60, "temperature": 0,
+                                                   "ignore_eos": True, **body})
+
+    with ThreadPoolExecutor(4) as ex:
+        good = [ex.submit(post, {"prompt": p}) for p in PROMPTS[:2]]
+        deadline = time.monotonic() + 10
+        while httpx.get(s.url + "/health").json()["active_rows"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        bad = [ex.submit(post, {"prompt": "x" * 160, "max_tokens": 10}),
+               ex.submit(post, {"prompt": "y", "seed": 4242})]
+        for f in bad:
+            r = f.result()
+            assert r.status_code == 500 and r.json()["error"]["code"] == "decode_failed"
+        for f, p in zip(good, PROMPTS[:2]):
+            r = f.result()
+            assert r.status_code == 200
+            assert r.json()["mtpdraft"]["token_ids"] == ref(ref.tok(p).input_ids, 60, ignore_eos=True)
+    assert httpx.get(s.url + "/health").json()["status"] == "ok"

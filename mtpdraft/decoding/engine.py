@@ -15,6 +15,7 @@ import torch
 from ..config import SamplingParams, SpecParams, Stats
 from ..drafters.base import Draft, DraftContext, Drafter
 from ..models.base import CausalLM
+from .penalties import adjust_logits
 from .stops import StopChecker
 from .verify import verify
 
@@ -40,7 +41,8 @@ def generate(model: CausalLM, prompt_ids: list[int], sp: SamplingParams | None =
     """Yield generated token ids one by one; fill `stats` as it goes.
 
     Greedy output is identical with and without a drafter; sampled output has the
-    target's distribution either way.
+    target's distribution either way. Generation ends at the stopper's conditions or
+    when prompt + generated tokens fill `max_len` (reason "length").
     """
     sp = sp or SamplingParams()
     spec = spec or SpecParams()
@@ -60,14 +62,15 @@ def generate(model: CausalLM, prompt_ids: list[int], sp: SamplingParams | None =
     # prefill: the prompt's last position gives the first token
     t0 = time.perf_counter()
     out = model.prefill(torch.tensor([tokens]), cache)
-    _, nxt = verify(torch.empty(0, dtype=torch.long), None, out.logits[0, -1:], sp, gen)
+    logits = adjust_logits(out.logits[0, -1:], [], [], sp)
+    _, nxt = verify(torch.empty(0, dtype=torch.long), None, logits, sp, gen)
     hidden = out.hidden[0, -1]
     t1 = time.perf_counter()
     stats.prefill_s += t1 - t0
     tokens.append(nxt)
     stats.tokens += 1
     yield nxt
-    if stopper.add(nxt):
+    if stopper.add(nxt) or _context_full(stopper, tokens, max_len):
         return
 
     k = k_max
@@ -85,7 +88,8 @@ def generate(model: CausalLM, prompt_ids: list[int], sp: SamplingParams | None =
         inp = torch.tensor([[tokens[-1]] + draft.tokens])
         out = model(inp, cache, logits="all")
         d = torch.tensor(draft.tokens, dtype=torch.long)
-        n_acc, nxt = verify(d, draft.probs, out.logits[0], sp, gen)
+        logits = adjust_logits(out.logits[0], stopper.ids, draft.tokens, sp)
+        n_acc, nxt = verify(d, draft.probs, logits, sp, gen)
 
         # commit: keep the last token and the accepted drafts, roll the rest back
         cache.truncate(0, base + 1 + n_acc)
@@ -106,8 +110,15 @@ def generate(model: CausalLM, prompt_ids: list[int], sp: SamplingParams | None =
             stats.tokens += 1
             stats.decode_tokens += 1
             yield t
-            if stopper.add(t):
+            if stopper.add(t) or _context_full(stopper, tokens, max_len):
                 return
+
+
+def _context_full(stopper: StopChecker, tokens: list[int], max_len: int) -> bool:
+    if len(tokens) < max_len:
+        return False
+    stopper.finish("length")
+    return True
 
 
 def generate_text(model: CausalLM, tokenizer, prompt: str, sp: SamplingParams | None = None, **kw):

@@ -8,20 +8,22 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Literal, Union
+from dataclasses import dataclass
+from typing import Annotated, Literal, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import SamplingParams, SpecParams
-from .engine import BatchEngine, EngineStopped, GenRequest, QueueFull
+from ..config import SamplingParams
+from .engine import MAX_DRAFT, BatchEngine, EngineStopped, GenRequest, QueueFull
 
 log = logging.getLogger("mtpdraft.serve")
 
 MAX_BODY_BYTES = 4 << 20
+MAX_LOGPROBS = 20  # alternatives per token (completions `logprobs`, chat `top_logprobs`)
 
 
 class APIError(Exception):
@@ -40,36 +42,50 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _integral(v):
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+# JSON Schema's integer: 2.0 is one, "2" and 2.5 are not (the bounds go first: the schema shows them)
+Count = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
+NonNegative = Annotated[int, Field(ge=0), BeforeValidator(_integral)]
+TopN = Annotated[int, Field(ge=0, le=MAX_LOGPROBS), BeforeValidator(_integral)]
+DraftLen = Annotated[int, Field(ge=1, le=MAX_DRAFT), BeforeValidator(_integral)]
+Temperature = Annotated[float, Field(ge=0, le=100)]
+TopP = Annotated[float, Field(gt=0, le=1)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
 
 class _Common(_Strict):
     model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # extension
-    seed: int | None = None
+    max_tokens: Count | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: NonNegative | None = None  # extension
+    seed: NonNegative | None = None
     stop: Union[str, list[str], None] = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = 1
+    n: Count | None = 1
     user: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, float] | None = None  # token id -> [-100, 100]
     # extensions
     speculative: bool | None = None
-    draft_len: int | None = None
+    draft_len: DraftLen | None = None
     ignore_eos: bool | None = None
 
 
 class CompletionRequest(_Common):
-    prompt: Union[str, list[int], list[str]]
+    prompt: Union[str, list[str], list[NonNegative], list[list[NonNegative]]]
     echo: bool | None = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: TopN | None = None
+    best_of: Count | None = None
     suffix: str | None = None
 
 
@@ -86,8 +102,19 @@ class ChatMessage(_Strict):
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Count | None = None
     logprobs: bool | None = None
+    top_logprobs: TopN | None = None
+
+
+@dataclass
+class Choice:
+    """One sequence a request asks for: which prompt, and what echo puts before it."""
+
+    prompt: int  # index into the request's prompts
+    ids: list[int]
+    sp: SamplingParams
+    echo_text: str = ""
 
 
 # -- the app -------------------------------------------------------------------------------------
@@ -135,7 +162,7 @@ def create_app(engine: BatchEngine, model_id: str, *, default_max_tokens: int = 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, e: StarletteHTTPException):
         t = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return err(e.status_code, str(e.detail), t)
+        return err(e.status_code, str(e.detail), t, code="body_too_large" if e.status_code == 413 else None)
 
     @app.exception_handler(Exception)
     async def _internal(request, e: Exception):
@@ -152,20 +179,31 @@ def create_app(engine: BatchEngine, model_id: str, *, default_max_tokens: int = 
         async def __call__(self, scope, receive, send):
             if scope["type"] != "http":
                 return await self.inner(scope, receive, send)
+            too_large = f"request body larger than {MAX_BODY_BYTES} bytes"
             headers = dict(scope.get("headers") or [])
             cl = headers.get(b"content-length")
             if cl is not None and (not cl.isdigit() or int(cl) > MAX_BODY_BYTES):
-                resp = JSONResponse(error_body(f"request body larger than {MAX_BODY_BYTES} bytes",
-                                               "invalid_request_error", None, "body_too_large"), status_code=413)
+                resp = JSONResponse(error_body(too_large, "invalid_request_error", None, "body_too_large"),
+                                    status_code=413)
                 engine.metrics.http_response(413)
                 return await resp(scope, receive, send)
+            received = 0
+
+            async def capped_receive():  # a chunked body has no content-length: count what arrives
+                nonlocal received
+                msg = await receive()
+                if msg["type"] == "http.request":
+                    received += len(msg.get("body", b""))
+                    if received > MAX_BODY_BYTES:
+                        raise StarletteHTTPException(413, too_large)
+                return msg
 
             async def counting_send(msg):
                 if msg["type"] == "http.response.start":
                     engine.metrics.http_response(msg["status"])
                 await send(msg)
 
-            await self.inner(scope, receive, counting_send)
+            await self.inner(scope, capped_receive, counting_send)
 
     app.add_middleware(_Guard)
 
@@ -191,18 +229,35 @@ def create_app(engine: BatchEngine, model_id: str, *, default_max_tokens: int = 
             raise APIError(404, f"The model {mid!r} does not exist", param="model", code="model_not_found")
         return {"id": model_id, "object": "model", "created": created, "owned_by": "mtpdraft"}
 
-    # -- request -> GenRequest ------------------------------------------------------------------
-    def common(body: _Common, prompt_ids: list[int], max_tokens: int | None, default: int = default_max_tokens):
+    # -- request -> choices -----------------------------------------------------------------------
+    def check_model(body: _Common):
         if body.model != model_id:
             raise APIError(404, f"The model {body.model!r} does not exist; this server serves {model_id!r}",
                            param="model", code="model_not_found")
-        if body.n not in (None, 1):
-            raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(body, name) not in (None, 0, 0.0):
-                raise APIError(400, f"{name} is not supported (must be 0)", param=name, code="unsupported_value")
-        if body.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias", code="unsupported_value")
+
+    def check_common(body: _Common, n_prompts: int) -> int:
+        """Request-wide checks; returns n."""
+        n = 1 if body.n is None else body.n
+        if n * n_prompts > engine.max_queue:
+            raise APIError(400, f"n times the number of prompts must be in 1..{engine.max_queue}, got "
+                                f"{n} x {n_prompts}", param="n", code="invalid_value")
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options",
+                           code="invalid_value")
+        return n
+
+    def logit_bias(body: _Common) -> dict[int, float]:
+        out = {}
+        for key, v in (body.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= engine.model.vocab_size:
+                raise APIError(400, f"logit_bias keys must be token ids in [0, {engine.model.vocab_size}), "
+                                    f"got {key!r}", param="logit_bias", code="invalid_value")
+            out[int(key)] = v
+        return out
+
+    def sampling(body: _Common, prompt_ids: list[int], max_tokens: int | None, default: int,
+                 choice: int) -> SamplingParams:
+        """The SamplingParams of one choice (choice j of n samples with seed + j)."""
         if not prompt_ids:
             raise APIError(400, "the prompt is empty (it encodes to zero tokens)", param="prompt", code="empty_prompt")
         if any(not 0 <= t < engine.model.vocab_size for t in prompt_ids):
@@ -214,9 +269,6 @@ def create_app(engine: BatchEngine, model_id: str, *, default_max_tokens: int = 
                                 f"{engine.max_context} tokens", param="prompt", code="context_length_exceeded")
         if max_tokens is None:
             max_tokens = min(default, room) if default else room
-        if max_tokens < 1:
-            raise APIError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens",
-                           code="invalid_value")
         if max_tokens > room:
             raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {len(prompt_ids)} tokens exceed the "
                                 f"context of {engine.max_context} tokens", param="max_tokens",
@@ -226,187 +278,155 @@ def create_app(engine: BatchEngine, model_id: str, *, default_max_tokens: int = 
         if len(stop) > 16:
             raise APIError(400, "at most 16 stop strings", param="stop", code="invalid_value")
         temperature = 1.0 if body.temperature is None else body.temperature
-        if not 0 <= temperature <= 100:
-            raise APIError(400, f"temperature must be in [0, 100], got {temperature}", param="temperature",
-                           code="invalid_value")
-        if body.seed is not None and not 0 <= body.seed < 2 ** 63:
-            raise APIError(400, "seed must be in [0, 2**63)", param="seed", code="invalid_value")
+        seed = body.seed
+        if seed is not None:
+            if seed >= 2 ** 63 - engine.max_queue:
+                raise APIError(400, f"seed must be below 2**63 - {engine.max_queue}", param="seed",
+                               code="invalid_value")
+            seed += choice
         try:
-            sp = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=body.top_k or 0,
-                                top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=stop,
-                                ignore_eos=bool(body.ignore_eos))
+            return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=body.top_k or 0,
+                                  top_p=1.0 if body.top_p is None else body.top_p, seed=seed, stop=stop,
+                                  ignore_eos=bool(body.ignore_eos), presence_penalty=body.presence_penalty or 0.0,
+                                  frequency_penalty=body.frequency_penalty or 0.0, logit_bias=logit_bias(body))
         except ValueError as e:
             param = str(e).split(" ", 1)[0]
             raise APIError(400, str(e), param=param, code="invalid_value") from None
-        if body.draft_len is not None:
-            try:
-                SpecParams(draft_len=body.draft_len)
-            except ValueError as e:
-                raise APIError(400, str(e), param="draft_len", code="invalid_value") from None
-        spec = True if body.speculative is None else body.speculative
-        return sp, spec
 
-    def check_len(s: str, param: str):
-        if len(s) > engine.max_context * 32:
+    def encode(text: str, param: str, **kw) -> list[int]:
+        if len(text) > engine.max_context * 32:
             raise APIError(400, f"{param} is far longer than the context of {engine.max_context} tokens",
                            param=param, code="context_length_exceeded")
+        try:
+            return tok(text, **kw).input_ids
+        except Exception as e:  # noqa: BLE001 - e.g. lone surrogates the tokenizer cannot take
+            raise APIError(400, f"{param} could not be tokenized: {type(e).__name__}", param=param,
+                           code="invalid_value") from None
 
-    async def run(request: Request, prompt_ids, sp, spec, body: _Common, kind: str):
+    # -- running them -------------------------------------------------------------------------------
+    async def run(request: Request, choices: list[Choice], body: _Common, kind: str, top_n: int | None,
+                  echo_logprobs: bool = False):
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-
-        def emit(ev):
-            loop.call_soon_threadsafe(q.put_nowait, ev)
-
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        gr = GenRequest(prompt_ids=prompt_ids, sp=sp, emit=emit, speculative=spec, draft_len=body.draft_len, id=rid)
+        spec = True if body.speculative is None else body.speculative
+        grs = []
+        for c, ch in enumerate(choices):
+            def emit(ev, c=c):
+                loop.call_soon_threadsafe(q.put_nowait, (c, ev))
+
+            grs.append(GenRequest(prompt_ids=ch.ids, sp=ch.sp, emit=emit, speculative=spec, draft_len=body.draft_len,
+                                  id=f"{rid}-{c}", stream=bool(body.stream), logprobs=top_n,
+                                  prompt_logprobs=echo_logprobs))
         try:
-            engine.submit(gr)
+            engine.submit(*grs)
         except QueueFull as e:
             raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
         except EngineStopped as e:
             raise APIError(503, str(e), "server_error", code="shutting_down") from None
         if not engine.alive:
-            gr.cancel()
+            for gr in grs:
+                gr.cancel()
             raise APIError(503, "the decoding worker is not running", "server_error", code="worker_dead")
+        n_prompt = sum(len(ids) for ids in {ch.prompt: ch.ids for ch in choices}.values())
+        out = Output(kind, tok, choices, rid, model_id)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream(gr, q, rid, kind, len(prompt_ids), include_usage),
-                                     media_type="text/event-stream",
+            return StreamingResponse(stream(grs, q, out, n_prompt, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        ids: list[int] = []
+        infos = [None] * len(grs)
+        gone = asyncio.ensure_future(disconnected(request))
         try:
-            while True:
-                try:
-                    ev = await asyncio.wait_for(q.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return JSONResponse({}, status_code=499)
-                    continue
-                if ev[0] == "tokens":
-                    ids.extend(ev[1])
-                elif ev[0] == "error":
+            while None in infos:
+                get = asyncio.ensure_future(q.get())
+                await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():  # the client hung up: free its rows now (finally)
+                    get.cancel()
+                    return Response(status_code=499)
+                c, ev = get.result()
+                if ev[0] == "error":
                     raise APIError(500, ev[1], "server_error", code="decode_failed")
-                else:
-                    info = ev[1]
-                    break
+                if ev[0] == "done":
+                    infos[c] = ev[1]
         finally:
-            gr.cancel()  # no-op once finished; frees the row if the handler is abandoned
+            gone.cancel()
+            for gr in grs:
+                gr.cancel()  # no-op once finished; frees the rows if the handler is abandoned
             engine.wake()
-        if info["finish_reason"] == "cancelled":
+        if any(info["finish_reason"] == "cancelled" for info in infos):
             raise APIError(503, "the request was cancelled (server shutting down)", "server_error", code="cancelled")
-        return JSONResponse(final_body(gr, rid, kind, info, len(prompt_ids)))
+        body_ = {"id": rid, "object": out.object, "created": int(time.time()), "model": model_id,
+                 "choices": [out.final_choice(c, info, gr, len(grs) > 1) for c, (info, gr) in
+                             enumerate(zip(infos, grs))],
+                 "usage": usage(n_prompt, sum(len(info["token_ids"]) for info in infos)),
+                 "mtpdraft": ext(grs[0], infos[0])}
+        return JSONResponse(body_)
 
-    def usage(n_prompt, n_gen):
-        return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
-
-    def ext(gr: GenRequest, info):
-        d = info["stats"].as_dict()
-        d.update(token_ids=info["token_ids"], finish_reason=info["finish_reason"],
-                 speculative=gr.drafter is not None)
-        return d
-
-    def finish_reason(r):
-        return "length" if r == "length" else "stop"
-
-    def final_body(gr, rid, kind, info, n_prompt):
-        text = info["text"] or ""
-        fr = finish_reason(info["finish_reason"])
-        if kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": fr}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": fr}
-            obj = "text_completion"
-        return {"id": rid, "object": obj, "created": int(time.time()), "model": model_id, "choices": [choice],
-                "usage": usage(n_prompt, len(info["token_ids"])), "mtpdraft": ext(gr, info)}
-
-    def chunk(rid, kind, delta_text, fr=None, role=False, extra=None):
-        if kind == "chat":
-            delta = {"role": "assistant", "content": delta_text} if role else (
-                {"content": delta_text} if delta_text else {})
-            c = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": fr}
-            obj = "chat.completion.chunk"
-        else:
-            c = {"index": 0, "text": delta_text, "logprobs": None, "finish_reason": fr}
-            obj = "text_completion"
-        d = {"id": rid, "object": obj, "created": int(time.time()), "model": model_id, "choices": [c]}
-        if extra:
-            d.update(extra)
-        return "data: " + json.dumps(d) + "\n\n"
-
-    async def stream(gr: GenRequest, q: asyncio.Queue, rid, kind, n_prompt, include_usage):
-        ids: list[int] = []
-        sent = 0
-        holdback = max((len(s) for s in gr.sp.stop), default=1) - 1
+    async def stream(grs: list[GenRequest], q: asyncio.Queue, out: "Output", n_prompt: int, include_usage: bool):
+        n_gen = 0
         try:
-            if kind == "chat":
-                yield chunk(rid, kind, "", role=True)
-            while True:
-                ev = await q.get()
-                if ev[0] == "tokens":
-                    ids.extend(ev[1])
-                    text = tok.decode(ids, skip_special_tokens=True)
-                    safe = len(text) - holdback
-                    if safe > sent and not text[:safe].endswith("\ufffd"):
-                        yield chunk(rid, kind, text[sent:safe])
-                        sent = safe
+            for c in range(len(grs)):
+                first = out.first_chunk(c)
+                if first is not None and not grs[c].prompt_logprobs:
+                    yield sse(out.chunk(first))
+            left = len(grs)
+            while left:
+                c, ev = await q.get()
+                if ev[0] == "prompt":
+                    yield sse(out.chunk(out.echo_chunk(c, ev[1])))
+                elif ev[0] == "tokens":
+                    if ev[2] or ev[3]:
+                        yield sse(out.chunk(out.delta(c, ev[2], ev[3])))
                 elif ev[0] == "error":
-                    yield "data: " + json.dumps(error_body(ev[1], "server_error", code="decode_failed")) + "\n\n"
+                    yield sse(error_body(ev[1], "server_error", code="decode_failed"))
                     break
                 else:
                     info = ev[1]
                     if info["finish_reason"] == "cancelled":
-                        yield "data: " + json.dumps(error_body("the request was cancelled (server shutting down)",
-                                                               "server_error", code="cancelled")) + "\n\n"
+                        yield sse(error_body("the request was cancelled (server shutting down)", "server_error",
+                                             code="cancelled"))
                         break
-                    text = info["text"] or ""
-                    yield chunk(rid, kind, text[sent:] if len(text) > sent else "",
-                                fr=finish_reason(info["finish_reason"]), extra={"mtpdraft": ext(gr, info)})
-                    if include_usage:
-                        d = {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                             "created": int(time.time()), "model": model_id, "choices": [],
-                             "usage": usage(n_prompt, len(info["token_ids"]))}
-                        yield "data: " + json.dumps(d) + "\n\n"
-                    break
+                    n_gen += len(info["token_ids"])
+                    yield sse(out.chunk(out.last_delta(c, info), mtpdraft=ext(grs[c], info)))
+                    left -= 1
+            else:
+                if include_usage:
+                    yield sse(out.chunk(None, usage=usage(n_prompt, n_gen)))
             yield "data: [DONE]\n\n"
         finally:
-            gr.cancel()  # a client that went away frees its row at the next cycle
+            for gr in grs:
+                gr.cancel()  # a client that went away frees its rows at the next cycle
             engine.wake()
+
+    def usage(n_prompt, n_gen):
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
 
     # -- endpoints --------------------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        if body.echo:
-            raise APIError(400, "echo is not supported", param="echo", code="unsupported_value")
-        if body.logprobs is not None:
-            raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_value")
+        check_model(body)
         if body.best_of not in (None, 1):
             raise APIError(400, "only best_of=1 is supported", param="best_of", code="unsupported_value")
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_value")
         p = body.prompt
-        if isinstance(p, list) and p and all(isinstance(x, str) for x in p):
-            if len(p) != 1:
-                raise APIError(400, "only one prompt per request is supported", param="prompt",
-                               code="unsupported_value")
-            p = p[0]
-        if isinstance(p, str):
-            check_len(p, "prompt")
-            ids = tok(p).input_ids
-        else:
-            ids = list(p)
-        sp, spec = common(body, ids, body.max_tokens)
-        return await run(request, ids, sp, spec, body, "completion")
+        if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)):
+            p = [p]
+        prompts = [(encode(x, "prompt"), x) if isinstance(x, str) else (list(x), None) for x in p] or [([], None)]
+        n = check_common(body, len(prompts))
+        choices = []
+        for i, (ids, text) in enumerate(prompts):
+            echo = (text if text is not None else tok.decode(ids)) if body.echo else ""
+            choices += [Choice(i, ids, sampling(body, ids, body.max_tokens, default_max_tokens, j), echo)
+                        for j in range(n)]
+        return await run(request, choices, body, "completion", body.logprobs, bool(body.echo) and
+                         body.logprobs is not None)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        if body.logprobs:
-            raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_value")
-        if body.model != model_id:
-            raise APIError(404, f"The model {body.model!r} does not exist; this server serves {model_id!r}",
-                           param="model", code="model_not_found")
+        check_model(body)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value")
         if not getattr(tok, "chat_template", None):
             raise APIError(400, f"model {model_id!r} has no chat template; use /v1/completions",
                            param="messages", code="no_chat_template")
@@ -414,14 +434,130 @@ def create_app(engine: BatchEngine, model_id: str, *, default_max_tokens: int = 
         for m in body.messages:
             c = m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
             msgs.append({"role": m.role, "content": c or ""})
-        check_len("".join(m["content"] for m in msgs), "messages")
+        encode("".join(m["content"] for m in msgs), "messages")  # length and tokenizability first
         try:
             text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # noqa: BLE001 - template errors (e.g. role order) are the caller's
             raise APIError(400, f"chat template failed: {e}", param="messages", code="invalid_messages") from None
-        ids = tok(text, add_special_tokens=False).input_ids
+        ids = encode(text, "messages", add_special_tokens=False)
+        n = check_common(body, 1)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        sp, spec = common(body, ids, max_tokens, default=0)
-        return await run(request, ids, sp, spec, body, "chat")
+        choices = [Choice(0, ids, sampling(body, ids, max_tokens, 0, j)) for j in range(n)]
+        top_n = (body.top_logprobs or 0) if body.logprobs else None
+        return await run(request, choices, body, "chat", top_n)
 
     return app
+
+
+def ext(gr: GenRequest, info: dict) -> dict:
+    """The `mtpdraft` extension of a response: the request's decoding statistics."""
+    d = info["stats"].as_dict()
+    d.update(token_ids=info["token_ids"], finish_reason=info["finish_reason"], speculative=gr.drafter is not None)
+    return d
+
+
+async def disconnected(request: Request) -> None:
+    """Returns once the client has gone (the body has been read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def finish_reason(info: dict) -> str:
+    return "length" if info["finish_reason"] == "length" else "stop"  # eos and stop strings are both "stop"
+
+
+def sse(obj: dict) -> str:
+    return "data: " + json.dumps(obj) + "\n\n"
+
+
+class Output:
+    """OpenAI response shapes (text_completion / chat.completion and their chunks) for one request."""
+
+    def __init__(self, kind: str, tok, choices: list[Choice], rid: str, model: str):
+        self.kind, self.tok, self.choices, self.rid, self.model = kind, tok, choices, rid, model
+        self.object = "chat.completion" if kind == "chat" else "text_completion"
+        self.offsets = [len(ch.echo_text) for ch in choices]  # next generated token's text_offset
+        self.streamed = [0] * len(choices)  # characters of generated text streamed, per choice
+
+    # logprobs
+    def token_str(self, t: int) -> str:
+        return self.tok.decode([t], skip_special_tokens=False)
+
+    def completion_logprobs(self, c: int, lps, prompt: bool = False) -> dict:
+        """Completions' shape; prompt=True: lps score the prompt from its 2nd token on."""
+        tokens, chosen, tops, offsets = [], [], [], []
+        at = self.offsets[c]
+        if prompt:  # the first prompt token has no logprob; offsets count from the echoed text's start
+            first = self.token_str(self.choices[c].ids[0])
+            tokens, chosen, tops, offsets, at = [first], [None], [None], [0], len(first)
+        for t, lp, top in lps:
+            s = self.token_str(t)
+            tokens.append(s)
+            chosen.append(lp)
+            tops.append({self.token_str(i): v for i, v in top})
+            offsets.append(at)
+            at += len(s)
+        if not prompt:
+            self.offsets[c] = at
+        return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": tops, "text_offset": offsets}
+
+    def chat_logprobs(self, lps) -> dict:
+        def entry(t, lp):
+            s = self.token_str(t)
+            return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8", "replace"))}
+
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]} for t, lp, top in lps],
+                "refusal": None}
+
+    def logprobs(self, c: int, lps):
+        if lps is None:
+            return None
+        return self.chat_logprobs(lps) if self.kind == "chat" else self.completion_logprobs(c, lps)
+
+    # choices
+    def final_choice(self, c: int, info: dict, gr: GenRequest, with_ext: bool) -> dict:
+        text = info["text"] or ""
+        fr = finish_reason(info)
+        if self.kind == "chat":
+            d = {"index": c, "message": {"role": "assistant", "content": text},
+                 "logprobs": self.logprobs(c, info["logprobs"]), "finish_reason": fr}
+        else:
+            lps = None
+            if info["prompt_logprobs"] is not None:
+                lps = self.completion_logprobs(c, info["prompt_logprobs"], prompt=True)
+            if info["logprobs"] is not None:
+                more = self.completion_logprobs(c, info["logprobs"])
+                lps = more if lps is None else {k: lps[k] + more[k] for k in lps}
+            d = {"index": c, "text": self.choices[c].echo_text + text, "logprobs": lps, "finish_reason": fr}
+        if with_ext:
+            d["mtpdraft"] = ext(gr, info)
+        return d
+
+    def first_chunk(self, c: int) -> dict | None:
+        """What a stream sends before any token: the chat role, the echoed prompt."""
+        if self.kind == "chat":
+            return {"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        if self.choices[c].echo_text:
+            return {"index": c, "text": self.choices[c].echo_text, "logprobs": None, "finish_reason": None}
+        return None
+
+    def echo_chunk(self, c: int, prompt_lps) -> dict:
+        return {"index": c, "text": self.choices[c].echo_text,
+                "logprobs": self.completion_logprobs(c, prompt_lps, prompt=True), "finish_reason": None}
+
+    def delta(self, c: int, text: str, lps, fr=None) -> dict:
+        self.streamed[c] += len(text)
+        if self.kind == "chat":
+            return {"index": c, "delta": {"content": text} if text else {}, "logprobs": self.logprobs(c, lps),
+                    "finish_reason": fr}
+        return {"index": c, "text": text, "logprobs": self.logprobs(c, lps), "finish_reason": fr}
+
+    def last_delta(self, c: int, info: dict) -> dict:
+        text = (info["text"] or "")[self.streamed[c]:]
+        return self.delta(c, text, None, finish_reason(info))
+
+    def chunk(self, choice: dict | None, **extra) -> dict:
+        d = {"id": self.rid, "object": self.object + (".chunk" if self.kind == "chat" else ""),
+             "created": int(time.time()), "model": self.model, "choices": [] if choice is None else [choice]}
+        d.update(extra)
+        return d

@@ -21,6 +21,11 @@ Design
 * Requests talk to the worker through a bounded pending queue (``submit``) and a
   per-request ``emit`` callback; a cancelled request frees its row at the next
   cycle boundary.
+* Failures are per row: a row whose draft, verification or commit raises is failed
+  alone; if the batched forward raises, each row is retried alone and only the rows
+  that fail again are failed.
+* Logprobs are the target's log-softmax of its raw logits (before temperature,
+  top-k/top-p and penalties) at each emitted token, read from the verify forward.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch
 
 from ..config import SamplingParams, SpecParams, Stats
 from ..decoding.engine import eos_ids_of
+from ..decoding.penalties import adjust_logits
 from ..decoding.stops import StopChecker
 from ..decoding.verify import verify
 from ..drafters import make_drafter
@@ -48,6 +54,7 @@ log = logging.getLogger("mtpdraft.serve")
 
 MAX_DRAFT = 32  # SpecParams' upper bound: the padding slack the cache keeps past max_context
 PREFILL_CHUNK = 256  # = generate()'s max_chunk: same chunking, same numerics
+HEAD_SLICE = 32  # prompt logprobs: positions per head matmul (bounds the [n, V] logits)
 
 
 class QueueFull(Exception):
@@ -58,14 +65,26 @@ class EngineStopped(Exception):
     pass
 
 
+# One logprob entry per token: (token id, logprob, [(id, logprob) of the top_n best]).
+Logprob = tuple[int, float, list[tuple[int, float]]]
+
+
 @dataclass(eq=False)
 class GenRequest:
+    """One sequence to decode. `emit` is called from the worker with ("done", info) or
+    ("error", message); a streaming request also gets ("tokens", ids, text, logprobs)
+    after each step, where text is the newly final part of the output text, and
+    ("prompt", logprobs) after its prefill when it asked for prompt logprobs."""
+
     prompt_ids: list[int]
     sp: SamplingParams
-    emit: Callable[[tuple], None]  # called from the worker: ("tokens", [ids]) / ("done", info) / ("error", msg)
+    emit: Callable[[tuple], None]
     speculative: bool = True
     draft_len: int | None = None
     id: str = ""
+    stream: bool = False
+    logprobs: int | None = None  # None = off, else how many alternatives per token
+    prompt_logprobs: bool = False  # also the prompt's tokens (echo); needs logprobs
     # worker state
     cancelled: bool = False
     slot: int = -1
@@ -78,6 +97,9 @@ class GenRequest:
     k: int = 0
     t_submit: float = 0.0
     t_first: float = 0.0
+    sent: int = 0  # characters of text streamed so far
+    token_logprobs: list[Logprob] = field(default_factory=list)
+    prompt_token_logprobs: list[Logprob] = field(default_factory=list)  # from the 2nd prompt token
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -116,14 +138,16 @@ class BatchEngine:
         self._thread.start()
         return self
 
-    def submit(self, req: GenRequest) -> None:
+    def submit(self, *reqs: GenRequest) -> None:
+        """Queue requests, all or none."""
         with self._cv:
             if self._stopping:
                 raise EngineStopped("server is shutting down")
-            if len(self.pending) >= self.max_queue:
+            if len(self.pending) + len(reqs) > self.max_queue:
                 raise QueueFull(f"too many queued requests ({self.max_queue}); retry later")
-            req.t_submit = time.perf_counter()
-            self.pending.append(req)
+            for r in reqs:
+                r.t_submit = time.perf_counter()
+                self.pending.append(r)
             self._cv.notify()
 
     def wake(self) -> None:
@@ -202,8 +226,7 @@ class BatchEngine:
                     except Exception as e:  # noqa: BLE001 - never let the worker die
                         log.error("batch cycle failed:\n%s", traceback.format_exc())
                         for r in list(self.active):
-                            self._release(r)
-                            self._fail(r, f"internal error during decoding: {e}")
+                            self._drop(r, e)
         finally:
             self.alive = False
             with self._cv:
@@ -212,14 +235,19 @@ class BatchEngine:
             for r in leftover:
                 self._finish(r, "cancelled")
 
-    def _guard(self, fn, r: GenRequest) -> None:
+    def _guard(self, fn, r: GenRequest, *args):
+        """Run fn(r, *args); if it raises, fail r alone (None is returned)."""
         try:
-            fn(r)
+            return fn(r, *args)
         except Exception as e:  # noqa: BLE001
             log.error("request %s failed:\n%s", r.id, traceback.format_exc())
-            if r in self.active:
-                self._release(r)
-            self._fail(r, f"internal error: {e}")
+            self._drop(r, e)
+            return None
+
+    def _drop(self, r: GenRequest, e: Exception) -> None:
+        if r in self.active:
+            self._release(r)
+        self._fail(r, f"internal error during decoding: {type(e).__name__}: {e}")
 
     def _fail(self, r: GenRequest, msg: str) -> None:
         self.metrics.request_done(r, "error")
@@ -228,8 +256,10 @@ class BatchEngine:
     def _finish(self, r: GenRequest, reason: str) -> None:
         status = "cancelled" if reason == "cancelled" else "ok"
         self.metrics.request_done(r, status)
-        info = {"finish_reason": reason, "token_ids": list(r.stopper.ids) if r.stopper else [],
-                "stats": r.stats, "text": r.stopper.text() if r.stopper and reason != "cancelled" else None}
+        text = r.stopper.text() if r.stopper and reason != "cancelled" else None
+        info = {"finish_reason": reason, "token_ids": list(r.stopper.ids) if r.stopper else [], "stats": r.stats,
+                "text": text, "logprobs": r.token_logprobs if r.logprobs is not None else None,
+                "prompt_logprobs": r.prompt_token_logprobs if r.prompt_logprobs else None}
         _safe_emit(r, ("done", info))
 
     def _admit(self, r: GenRequest) -> None:
@@ -248,9 +278,11 @@ class BatchEngine:
         self.cache.lengths[slot] = 0
         view = self.cache.rows(slot, slot + 1)
         t0 = time.perf_counter()
-        out = self.model.prefill(torch.tensor([r.tokens]), view)
+        out = self._prefill(r, view)
         self.cache.lengths[slot] = view.lengths[0]
-        _, nxt = verify(torch.empty(0, dtype=torch.long), None, out.logits[0, -1:], r.sp, r.gen)
+        logits = out.logits[0, -1:]
+        _, nxt = verify(torch.empty(0, dtype=torch.long), None, adjust_logits(logits, [], [], r.sp), r.sp, r.gen)
+        lps = logprobs_of(logits, [nxt], r.logprobs) if r.logprobs is not None else None
         r.hidden = out.hidden[0, -1].clone()
         r.stats.prefill_s += time.perf_counter() - t0
         r.t_first = time.perf_counter()
@@ -258,9 +290,28 @@ class BatchEngine:
         self.metrics.prefill_done(len(r.tokens))
         r.slot = slot
         self.active.append(r)
-        self._emit_tokens(r, [nxt])
+        if r.stream and r.prompt_logprobs:
+            _safe_emit(r, ("prompt", r.prompt_token_logprobs))
+        self._emit_tokens(r, [nxt], lps)
 
-    def _emit_tokens(self, r: GenRequest, toks: list[int]) -> bool:
+    def _prefill(self, r: GenRequest, view):
+        """model.prefill's chunks; with prompt logprobs, the head also reads every position."""
+        tokens = torch.tensor([r.tokens])
+        if not r.prompt_logprobs:
+            return self.model.prefill(tokens, view)
+        for s in range(0, tokens.shape[1], view.max_chunk):
+            chunk = tokens[:, s:s + view.max_chunk]
+            out = self.model(chunk, view, logits="last")
+            # position j predicts token j + 1: score the chunk's successors inside the prompt
+            n = min(chunk.shape[1], tokens.shape[1] - s - 1)
+            for a in range(0, n, HEAD_SLICE):
+                b = min(n, a + HEAD_SLICE)
+                with torch.inference_mode():
+                    logits = self.model.logits(out.hidden[0, a:b])
+                r.prompt_token_logprobs += logprobs_of(logits, r.tokens[s + a + 1:s + b + 1], r.logprobs or 0)
+        return out
+
+    def _emit_tokens(self, r: GenRequest, toks: list[int], logprobs: list[Logprob] | None = None) -> bool:
         """Commit tokens through the stop checker; emit them; release + finish if done."""
         out = []
         done = False
@@ -272,7 +323,14 @@ class BatchEngine:
                 done = True
                 break
         self.metrics.tokens_generated(len(out))
-        _safe_emit(r, ("tokens", out))
+        lps = None
+        if logprobs is not None:
+            lps = logprobs[:len(out)]
+            r.token_logprobs += lps
+        if r.stream:
+            text = r.stopper.stable_text()
+            delta, r.sent = text[r.sent:], max(r.sent, len(text))
+            _safe_emit(r, ("tokens", out, delta, lps))
         if done:
             self._release(r)
             self._finish(r, r.stopper.reason)
@@ -288,55 +346,115 @@ class BatchEngine:
         rows = list(self.active)
         B = len(rows)
         cap = self.draft_cap(B)
+        failed: dict[GenRequest, Exception] = {}  # dropped only once row indices no longer matter
+
+        def attempt(fn, r, *args):
+            try:
+                return fn(r, *args)
+            except Exception as e:  # noqa: BLE001
+                log.error("request %s failed:\n%s", r.id, traceback.format_exc())
+                failed[r] = e
+                return None
+
         t0 = time.perf_counter()
-        drafts: list[Draft] = []
-        for i, r in enumerate(rows):
-            room = min(r.sp.max_new_tokens - len(r.stopper.ids) - 1, self.max_context - self.cache.lengths[i] - 1)
-            k = min(r.k, room, cap)
-            d = Draft([])
-            if r.drafter is not None and k > 0:
-                ctx = DraftContext(r.tokens, r.hidden, self.model, self.cache.rows(i, i + 1), 0)
-                d = r.drafter.propose(ctx, k)
-                d = Draft(list(d.tokens[:k]), None if d.probs is None else d.probs[:k])
-            drafts.append(d)
+        drafts = [attempt(self._draft, r, i, cap) for i, r in enumerate(rows)]
         t1 = time.perf_counter()
-        N = 1 + max(len(d.tokens) for d in drafts)
+        N = 1 + max((len(d.tokens) for d in drafts if d is not None), default=0)
         inp = torch.zeros(B, N, dtype=torch.long)
         for i, (r, d) in enumerate(zip(rows, drafts)):
-            row = [r.tokens[-1]] + d.tokens
+            row = [r.tokens[-1]] + (d.tokens if d is not None else [])
             inp[i, :len(row)] = torch.tensor(row)  # the rest is padding (token 0), rolled back below
-        view = self.cache.rows(0, B)
-        base = list(view.lengths)
-        out = self.model(inp, view, logits="all")
+        base = self.cache.lengths[:B]
+        outs = self._forward(inp)
         t2 = time.perf_counter()
         self.metrics.observe_forward(B, N, t2 - t1)
-        results = []
-        for i, (r, d) in enumerate(zip(rows, drafts)):
-            n = len(d.tokens)
-            n_acc, nxt = verify(torch.tensor(d.tokens, dtype=torch.long), d.probs, out.logits[i, :n + 1], r.sp, r.gen)
-            self.cache.lengths[i] = base[i] + 1 + n_acc  # roll back rejected drafts and padding
-            r.hidden = out.hidden[i, n_acc].clone()
-            results.append((r, d, n_acc, nxt))
+        verified = []
+        for i, (r, d, o) in enumerate(zip(rows, drafts, outs)):
+            if isinstance(o, Exception):
+                failed.setdefault(r, o)
+            elif r not in failed:
+                res = attempt(self._verify, r, d, o, i, base[i])
+                if res is not None:
+                    verified.append((r, d, *res))
         now = time.perf_counter()
-        for r, d, n_acc, nxt in results:
-            n = len(d.tokens)
-            s = r.stats
-            s.draft_s += t1 - t0
-            s.verify_s += now - t1
-            s.decode_s += now - t0
-            s.cycles += 1
-            s.record(n, n_acc)
-            self.metrics.cycle(n, n_acc)
-            emitted = d.tokens[:n_acc] + [nxt]
-            s.decode_tokens += len(emitted)  # counted like generate(): tokens past a stop are dropped below
-            if r.drafter is not None:
-                r.drafter.observe(n_acc, n)
-                if self.adaptive and n > 0:
-                    k_max = r.draft_len or self.draft_len
-                    r.k = min(k_max, r.k + 1) if n_acc == n else max(1, n_acc + 1)
-            before = s.tokens
-            self._emit_tokens(r, emitted)
-            s.decode_tokens -= len(emitted) - (s.tokens - before)
+        for r, e in failed.items():
+            self._drop(r, e)
+        for r, d, n_acc, nxt, lps in verified:
+            self._guard(self._commit, r, d, n_acc, nxt, lps, (t1 - t0, now - t1))
+
+    def _draft(self, r: GenRequest, i: int, cap: int) -> Draft:
+        """Row i's draft: never past its token budget or the context."""
+        room = min(r.sp.max_new_tokens - len(r.stopper.ids) - 1, self.max_context - self.cache.lengths[i] - 1)
+        k = min(r.k, room, cap)
+        if r.drafter is None or k <= 0:
+            return Draft([])
+        ctx = DraftContext(r.tokens, r.hidden, self.model, self.cache.rows(i, i + 1), 0)
+        d = r.drafter.propose(ctx, k)
+        return Draft(list(d.tokens[:k]), None if d.probs is None else d.probs[:k])
+
+    def _forward(self, inp: torch.Tensor) -> list:
+        """One target forward over every row; per row (logits [N, V], hidden [N, D]).
+        If the batch fails, each row is retried alone (the kernels are row-invariant):
+        a row that fails again gets its exception instead."""
+        B = inp.shape[0]
+        view = self.cache.rows(0, B)
+        try:
+            out = self.model(inp, view, logits="all")
+            return [(out.logits[i], out.hidden[i]) for i in range(B)]
+        except Exception:  # noqa: BLE001 - find the row that caused it
+            log.error("batched forward failed; retrying row by row:\n%s", traceback.format_exc())
+        outs = []
+        for i in range(B):
+            try:
+                out = self.model(inp[i:i + 1], self.cache.rows(i, i + 1), logits="all")
+                outs.append((out.logits[0], out.hidden[0]))
+            except Exception as e:  # noqa: BLE001
+                outs.append(e)
+        return outs
+
+    def _verify(self, r: GenRequest, d: Draft, out, i: int, base: int):
+        """Accept a prefix of row i's draft; roll its cache row back past it."""
+        logits, hidden = out
+        n = len(d.tokens)
+        logits = logits[:n + 1]
+        target = adjust_logits(logits, r.stopper.ids, d.tokens, r.sp)
+        n_acc, nxt = verify(torch.tensor(d.tokens, dtype=torch.long), d.probs, target, r.sp, r.gen)
+        self.cache.lengths[i] = base + 1 + n_acc  # roll back rejected drafts and padding
+        r.hidden = hidden[n_acc].clone()
+        emitted = d.tokens[:n_acc] + [nxt]
+        lps = logprobs_of(logits[:n_acc + 1], emitted, r.logprobs) if r.logprobs is not None else None
+        return n_acc, nxt, lps
+
+    def _commit(self, r: GenRequest, d: Draft, n_acc: int, nxt: int, lps, times: tuple[float, float]) -> None:
+        n = len(d.tokens)
+        s = r.stats
+        s.draft_s += times[0]
+        s.verify_s += times[1]
+        s.decode_s += times[0] + times[1]
+        s.cycles += 1
+        s.record(n, n_acc)
+        self.metrics.cycle(n, n_acc)
+        emitted = d.tokens[:n_acc] + [nxt]
+        if r.drafter is not None:
+            r.drafter.observe(n_acc, n)
+            if self.adaptive and n > 0:
+                k_max = r.draft_len or self.draft_len
+                r.k = min(k_max, r.k + 1) if n_acc == n else max(1, n_acc + 1)
+        before = s.tokens
+        self._emit_tokens(r, emitted, lps)
+        s.decode_tokens += s.tokens - before  # like generate(): tokens past a stop are not counted
+
+
+def logprobs_of(logits: torch.Tensor, tokens: list[int], top_n: int) -> list[Logprob]:
+    """logits [n, V] (row j chose tokens[j]) -> per token: its log-softmax and the top_n best."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp[torch.arange(len(tokens)), torch.tensor(tokens, dtype=torch.long)].tolist()
+    if top_n:
+        vals, ids = lp.topk(min(top_n, lp.shape[-1]), dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+    else:
+        tops = [[] for _ in tokens]
+    return [(t, c, top) for t, c, top in zip(tokens, chosen, tops)]
 
 
 def _safe_emit(r: GenRequest, ev: tuple) -> None:
