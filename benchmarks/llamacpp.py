@@ -86,24 +86,29 @@ def bundled_gguf(name: str) -> Path:
     return dest
 
 
+def _run(bins: Path, cmd: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LD_LIBRARY_PATH": str(bins)}  # the build's shared libraries, wherever it lies
+    out = subprocess.run([str(bins / cmd[0]), *cmd[1:]], capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(f"{cmd[0]} failed ({out.returncode}):\n{out.stderr[-2000:]}")
+    return out
+
+
 def llama_bench(bins: Path, gguf: Path, n: int, threads: int) -> float:
-    out = subprocess.run([str(bins / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(n), "-r", "3",
-                          "-t", str(threads), "-o", "json"], capture_output=True, text=True, check=True)
+    out = _run(bins, ["llama-bench", "-m", str(gguf), "-p", "0", "-n", str(n), "-r", "3", "-t", str(threads),
+                      "-o", "json"])
     return float(json.loads(out.stdout)[0]["avg_ts"])
 
 
 def llama_plain_text(bins: Path, gguf: Path, prompt: str, n: int) -> str:
-    out = subprocess.run([str(bins / "llama-simple"), "-m", str(gguf), "-n", str(n), prompt],
-                         capture_output=True, text=True, check=True)
+    out = _run(bins, ["llama-simple", "-m", str(gguf), "-n", str(n), prompt])
     return out.stdout
 
 
-def llama_spec(bins: Path, gguf: Path, prompt: str, n: int, threads: int, draft_max: int) -> tuple[str, float, float]:
+def llama_spec(bins: Path, gguf: Path, prompt: str, n: int, threads: int) -> tuple[str, float, float]:
     """(generated text, decode tokens/s, acceptance %) of llama-speculative-simple with ngram-mod."""
-    out = subprocess.run([str(bins / "llama-speculative-simple"), "-m", str(gguf), "-p", prompt, "-n", str(n),
-                          "--temp", "0", "-t", str(threads), "--spec-type", "ngram-mod",
-                          "--draft-max", str(draft_max), "-c", "2048", "--no-warmup"],
-                         capture_output=True, text=True, check=True)
+    out = _run(bins, ["llama-speculative-simple", "-m", str(gguf), "-p", prompt, "-n", str(n), "--temp", "0",
+                      "-t", str(threads), "--spec-type", "ngram-mod", "-c", "2048"])
     log = out.stderr + out.stdout
     m = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds, speed:\s+([\d.]+) t/s", log)
     acc = re.search(r"accept\s+=\s+([\d.]+)%", log)
@@ -117,6 +122,12 @@ def ours(model, tok, prompt: str, n: int, drafter) -> tuple[list[int], str, floa
     ids = list(generate(model, tok(prompt).input_ids, SamplingParams(max_new_tokens=n), drafter=drafter,
                         spec=SpecParams(), tokenizer=tok, stats=st))
     return ids, tok.decode(ids, skip_special_tokens=True), st.tokens_per_s, st.mean_accepted_tokens
+
+
+def after_prompt(text: str, prompt: str) -> str:
+    """llama.cpp's examples print (<bos>) prompt + generation: keep the generation."""
+    i = text.find(prompt)
+    return text[i + len(prompt):] if i >= 0 else text
 
 
 def same_prefix(a: str, b: str) -> bool:
@@ -151,10 +162,11 @@ def main():
                 r["llama_plain_tps"].append(llama_bench(bins, gguf, n, threads))
             plain_ids, plain_text, tps, _ = ours(model, tok, p.turns[0], n, None)
             r["ours_plain_tps"].append(tps)
-            text, tps, acc = llama_spec(bins, gguf, p.turns[0], n, threads, 6)
+            text, tps, acc = llama_spec(bins, gguf, p.turns[0], n, threads)
             r["llama_spec_tps"].append(tps)
             r["llama_accept_pct"].append(acc)
-            r["llama_spec_identical"] += same_prefix(text.removeprefix(p.turns[0]), llama_plain[p.id].removeprefix(p.turns[0]))
+            r["llama_spec_identical"] += same_prefix(after_prompt(text, p.turns[0]),
+                                                     after_prompt(llama_plain[p.id], p.turns[0]))
             ids, _, tps, tau = ours(model, tok, p.turns[0], n, drafter)
             r["ours_auto_tps"].append(tps)
             r["ours_tau"].append(tau)

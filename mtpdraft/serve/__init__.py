@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from ..config import DEFAULT_WEIGHTS
 from .engine import BatchEngine, GenRequest
 from .metrics import Metrics
 
 
-def build_app(model: str, *, drafter: str = "auto", dtype: str = "bf16", max_batch: int = 8,
+def build_app(model: str, *, drafter: str = "auto", dtype: str = DEFAULT_WEIGHTS, max_batch: int = 8,
               max_context: int = 2048, draft_len: int = 4, adaptive: bool = False, max_queue: int = 64,
               spec_off_batch: int = 4, default_max_tokens: int = 16, shutdown_timeout: float = 10.0):
     """Load the model and return (FastAPI app, engine); the app's lifespan starts and stops the engine."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import DEFAULT_WEIGHTS, WEIGHT_CHOICES
+
 
 def add_parser(sub) -> None:
     from ..registry import DEFAULT_MODEL
@@ -11,7 +13,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with batched speculative decoding")
     p.add_argument("--model", default=DEFAULT_MODEL, help="bundled name, local HF directory or .gguf file")
     p.add_argument("--drafter", default="auto", help="auto | none | ngram | PATH to a drafter directory")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--dtype", default=DEFAULT_WEIGHTS, choices=WEIGHT_CHOICES, help="weights (see mtpdraft generate --help)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (1..64)")
