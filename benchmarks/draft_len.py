@@ -27,11 +27,12 @@ def main():
     ap.add_argument("--ks", default="4,5,6")
     ap.add_argument("--limit", type=int, default=0, help="first N held-out prompts (0 = all)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="auto", help="weights: auto | gguf | q8_0 | bf16 | fp32")
     a = ap.parse_args()
     cfg = TrainConfig()
     _, held = split_prompts(load_prompts(), cfg.heldout_frac, cfg.seed)  # the split `mtpdraft train` holds out
     held = held[: a.limit] if a.limit else held
-    model, tok = mtpdraft.load(a.model, "bf16")
+    model, tok = mtpdraft.load(a.model, a.dtype)
     drafter = make_drafter(a.drafter, model, a.model)
     ks = a.ks.split(",")
     specs = {k: SpecParams(draft_len=int(k.lstrip("a")), adaptive=k.startswith("a")) for k in ks}
@@ -45,7 +46,7 @@ def main():
             out = list(generate(model, ids, sp, drafter=drafter, spec=specs[k], tokenizer=tok, stats=st[k]))
             assert out == ref, f"prompt {p['id']}: k={k} output differs from plain decoding"
     base = st["plain"].decode_tokens / st["plain"].decode_s
-    print(f"{a.model} bf16, drafter {a.drafter}, {len(held)} held-out prompts, {a.max_new_tokens} tokens: "
+    print(f"{a.model} {model.weights_format}, drafter {a.drafter}, {len(held)} held-out prompts, {a.max_new_tokens} tokens: "
           f"plain {base:.1f} tok/s")
     for k in ks:
         s = st[k]

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 
-# 2: quant.safetensors beside the dense weights (earlier conversions are redone once)
-CONVERT_VERSION = 2
+# 2: quant.safetensors beside the dense weights; 3: its chunk-order layout (earlier conversions are redone once)
+CONVERT_VERSION = 3
 
 
 def is_current(out_dir: str | Path) -> bool:

@@ -2,11 +2,14 @@
 //
 // Weights stay in their file's blocks, rearranged bit for bit into one record
 // per 64 (or 256) weights of a row so that a 64-weight chunk decodes to 64
-// unsigned bytes in natural order (see mtpdraft/kernels/quant.py for the
-// layouts).  Activations are quantized per row to int8 in blocks of 32 (scale
-// absmax / 127), as llama.cpp does for batched verification.  Per output:
+// unsigned bytes u = q + offset (see mtpdraft/kernels/quant.py for the layouts).
+// Within a chunk the two 32-weight blocks are interleaved in groups of 4: int32
+// lane l of a dot product holds 4 weights of block l % 2, so a chunk's two fp16
+// scales become 16 lane scales in one conversion.  Activations are quantized per
+// row to int8 in blocks of 32 (scale absmax / 127), as llama.cpp does for batched
+// verification, and laid out in the same order.  Per output:
 //
-//   lanes  = 16 int32 sums of 4 products (exact integer arithmetic)
+//   lanes  = 16 int32 sums of 4 products u * x, minus offset * (sum of the 4 x)  (exact)
 //   acc   += float(lanes) * (weight scale * activation scale)      (per chunk)
 //   acc   += weight min * (activation scale * block sum / 8)       (types with mins)
 //   y      = hsum8(acc[0:8] + acc[8:16])
@@ -55,12 +58,11 @@ inline int64_t rec_bytes(int t) {
   }
   TORCH_CHECK(false, "unsupported quantized weight type ", t);
 }
-inline bool has_min(int t) { return t == T_Q4_1 || t == T_Q4_K; }
 
 // integer offset folded into the lane accumulator: sum(w * x) = sum(u * x) - off * sum(x)
-inline int lane_offset(int t) {
+constexpr int lane_offset(int t) {
   switch (t) {
-    case T_Q8_0: return 0;  // stored as w + 128; decoded to signed bytes
+    case T_Q8_0: return MTP_AVX512 ? 128 : 0;  // stored as w + 128; AVX2 multiplies the signed bytes
     case T_Q4_0: return 8;
     case T_Q5_0: return 16;
     case T_Q6_K: return 32;
@@ -94,10 +96,62 @@ inline uint64_t load64(const uint8_t* p) {
   return v;
 }
 
-// Per-chunk weight scales as 16 lanes in two halves (lo: lanes 0-7 = weights 0-31,
-// hi: lanes 8-15 = weights 32-63; Q6_K: 4 lanes per 16 weights) and the mins of
-// the types that have them.  K-quant super-block scales are computed once per
-// super-block (c % 4 == 0).  Same IEEE products in both builds.
+// position p of a chunk (0..63) holds weight chunk_elem(p): int32 lane p / 4 alternates the two blocks
+constexpr int chunk_elem(int p) { return ((p >> 2) & 1) * 32 + (p >> 3) * 4 + (p & 3); }
+
+// Activations of N rows, quantized, in chunk order: K a multiple of 64.
+struct XQ {
+  int64_t N = 0, K = 0, nc = 0;
+  std::vector<int8_t> q;      // [N][K]  chunk order
+  std::vector<uint8_t> qu;    // [N][K]  q + 128 (AVX-512, several rows: the unsigned operand)
+  std::vector<int32_t> ls;    // [N][K/4]  sum of each lane's 4 activations
+  std::vector<float> dl;      // [N][nc][2]  the chunk's two block scales (lane l: dl[l % 2])
+  std::vector<float> cl;      // [N][nc][2]  block scale * block sum / 8
+};
+
+void quantize_x(const float* x, int64_t N, int64_t K, XQ& a) {
+  a.N = N, a.K = K, a.nc = K / 64;
+  a.q.resize(N * K);
+  a.qu.resize(MTP_AVX512 && N > 1 ? N * K : 0);
+  a.ls.resize(N * K / 4);
+  a.dl.resize(N * a.nc * 2);
+  a.cl.resize(N * a.nc * 2);
+  int8_t qb[64];
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < a.nc; ++c) {
+      const float* xc = x + n * K + c * 64;
+      float d[2], cs[2];
+      for (int h = 0; h < 2; ++h) {  // the chunk's two blocks of 32
+        float amax = 0.0f;
+        for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xc[h * 32 + i]));
+        d[h] = amax / 127.0f;
+        const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int isum = 0;
+        for (int i = 0; i < 32; ++i) {
+          float v = std::nearbyint(xc[h * 32 + i] * id);
+          v = std::min(127.0f, std::max(-127.0f, v));
+          qb[h * 32 + i] = static_cast<int8_t>(v);
+          isum += static_cast<int>(v);
+        }
+        cs[h] = (d[h] * static_cast<float>(isum)) * 0.125f;
+      }
+      int8_t* qo = a.q.data() + n * K + c * 64;
+      for (int p = 0; p < 64; ++p) qo[p] = qb[chunk_elem(p)];
+      if (!a.qu.empty())
+        for (int p = 0; p < 64; ++p) a.qu[n * K + c * 64 + p] = static_cast<uint8_t>(qo[p] + 128);
+      int32_t* ls = a.ls.data() + (n * K + c * 64) / 4;
+      for (int l = 0; l < 16; ++l) ls[l] = qo[4 * l] + qo[4 * l + 1] + qo[4 * l + 2] + qo[4 * l + 3];
+      for (int h = 0; h < 2; ++h) {
+        a.dl[(n * a.nc + c) * 2 + h] = d[h];
+        a.cl[(n * a.nc + c) * 2 + h] = cs[h];
+      }
+    }
+  }
+}
+
+// Per-chunk weight scales as 16 lanes in two halves (lo: lanes 0-7, hi: 8-15) and
+// the mins of the types that have them.  K-quant super-block values are computed
+// once per super-block (c % 4 == 0).  Same IEEE products in both builds.
 struct Scales {
   __m256 s_lo, s_hi, m_lo, m_hi;
   __m256 sb0, sb1, mb;  // super-block values (K-quants)
@@ -109,14 +163,9 @@ inline void chunk_scales(const uint8_t* row, int64_t c, Scales& sc) {
     constexpr int64_t rb = T == T_Q8_0 ? 68 : T == T_Q4_0 ? 36 : T == T_Q4_1 ? 40 : 44;
     constexpr int64_t off = T == T_Q8_0 ? 64 : T == T_Q5_0 ? 40 : 32;
     const uint8_t* r = row + c * rb;
-    const __m128 v = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(load32(r + off))));
-    sc.s_lo = _mm256_broadcastss_ps(v);
-    sc.s_hi = _mm256_broadcastss_ps(_mm_movehdup_ps(v));
-    if constexpr (T == T_Q4_1) {
-      const __m128 m = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(load32(r + 36))));
-      sc.m_lo = _mm256_broadcastss_ps(m);
-      sc.m_hi = _mm256_broadcastss_ps(_mm_movehdup_ps(m));
-    }
+    // fp16 (d_a, d_b) -> lanes d_a, d_b, d_a, d_b, ...
+    sc.s_lo = sc.s_hi = _mm256_cvtph_ps(_mm_set1_epi32(static_cast<int>(load32(r + off))));
+    if constexpr (T == T_Q4_1) sc.m_lo = sc.m_hi = _mm256_cvtph_ps(_mm_set1_epi32(static_cast<int>(load32(r + 36))));
   } else if constexpr (T == T_Q4_K) {
     const uint8_t* r = row + (c >> 2) * 148;
     const int j = static_cast<int>(c & 3);
@@ -127,10 +176,10 @@ inline void chunk_scales(const uint8_t* row, int64_t c, Scales& sc) {
       sc.sb0 = _mm256_mul_ps(d, s8);
       sc.mb = _mm256_xor_ps(_mm256_mul_ps(dmin, m8), _mm256_set1_ps(-0.0f));  // -(dmin * m)
     }
-    sc.s_lo = _mm256_permutevar8x32_ps(sc.sb0, _mm256_set1_epi32(2 * j));
-    sc.s_hi = _mm256_permutevar8x32_ps(sc.sb0, _mm256_set1_epi32(2 * j + 1));
-    sc.m_lo = _mm256_permutevar8x32_ps(sc.mb, _mm256_set1_epi32(2 * j));
-    sc.m_hi = _mm256_permutevar8x32_ps(sc.mb, _mm256_set1_epi32(2 * j + 1));
+    // lane l: sub-block 2j + l % 2
+    const __m256i idx = _mm256_setr_epi32(2 * j, 2 * j + 1, 2 * j, 2 * j + 1, 2 * j, 2 * j + 1, 2 * j, 2 * j + 1);
+    sc.s_lo = sc.s_hi = _mm256_permutevar8x32_ps(sc.sb0, idx);
+    sc.m_lo = sc.m_hi = _mm256_permutevar8x32_ps(sc.mb, idx);
   } else if constexpr (T == T_Q6_K) {
     const uint8_t* r = row + (c >> 2) * 210;
     const int j = static_cast<int>(c & 3);
@@ -139,69 +188,25 @@ inline void chunk_scales(const uint8_t* row, int64_t c, Scales& sc) {
       sc.sb0 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(load64(r + 192))))));
       sc.sb1 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(load64(r + 200))))));
     }
+    // lane l covers weights 32 (l % 2) + 4 (l / 2) ..: 16-weight scale 4j + 2 (l % 2) + (l >= 8)
     const __m256 src = j < 2 ? sc.sb0 : sc.sb1;
-    const int base = (j & 1) * 4;
-    sc.s_lo = _mm256_permutevar8x32_ps(src, _mm256_setr_epi32(base, base, base, base, base + 1, base + 1, base + 1, base + 1));
-    sc.s_hi = _mm256_permutevar8x32_ps(src, _mm256_setr_epi32(base + 2, base + 2, base + 2, base + 2, base + 3, base + 3, base + 3, base + 3));
+    const int b = (j & 1) * 4;
+    sc.s_lo = _mm256_permutevar8x32_ps(src, _mm256_setr_epi32(b, b + 2, b, b + 2, b, b + 2, b, b + 2));
+    sc.s_hi = _mm256_permutevar8x32_ps(src, _mm256_setr_epi32(b + 1, b + 3, b + 1, b + 3, b + 1, b + 3, b + 1, b + 3));
   }
 }
 
-// Activations of N rows, quantized: K a multiple of 64.
-struct XQ {
-  int64_t N = 0, K = 0, nc = 0;
-  std::vector<int8_t> q;      // [N][K]
-  std::vector<uint8_t> qu;    // [N][K]  q + 128 (AVX-512: the unsigned operand)
-  std::vector<int32_t> ls;    // [N][K/4]  sums of 4 consecutive q
-  std::vector<float> dl;      // [N][nc][16]  block scale per lane
-  std::vector<float> cl;      // [N][nc][16]  block scale * block sum / 8 per lane
-};
-
-void quantize_x(const float* x, int64_t N, int64_t K, XQ& a) {
-  a.N = N, a.K = K, a.nc = K / 64;
-  a.q.resize(N * K);
-  a.qu.resize(MTP_AVX512 ? N * K : 0);
-  a.ls.resize(N * K / 4);
-  a.dl.resize(N * a.nc * 16);
-  a.cl.resize(N * a.nc * 16);
-  for (int64_t n = 0; n < N; ++n) {
-    const float* xr = x + n * K;
-    int8_t* qr = a.q.data() + n * K;
-    for (int64_t b = 0; b < K / 32; ++b) {
-      float amax = 0.0f;
-      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xr[b * 32 + i]));
-      const float d = amax / 127.0f;
-      const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-      int isum = 0;
-      for (int i = 0; i < 32; ++i) {
-        float v = std::nearbyint(xr[b * 32 + i] * id);
-        v = std::min(127.0f, std::max(-127.0f, v));
-        const int qi = static_cast<int>(v);
-        qr[b * 32 + i] = static_cast<int8_t>(qi);
-        if (MTP_AVX512) a.qu[n * K + b * 32 + i] = static_cast<uint8_t>(qi + 128);
-        isum += qi;
-      }
-      for (int l = 0; l < 8; ++l) {
-        const int64_t e = b * 32 + 4 * l;
-        a.ls[(n * K + e) / 4] = qr[e] + qr[e + 1] + qr[e + 2] + qr[e + 3];
-      }
-      float* dl = a.dl.data() + (n * a.nc + b / 2) * 16 + (b & 1) * 8;
-      float* cl = a.cl.data() + (n * a.nc + b / 2) * 16 + (b & 1) * 8;
-      const float c = (d * static_cast<float>(isum)) * 0.125f;
-      for (int l = 0; l < 8; ++l) dl[l] = d, cl[l] = c;
-    }
-  }
-}
+constexpr bool has_mins(int t) { return t == T_Q4_1 || t == T_Q4_K; }
 
 #if MTP_AVX512
 // ---------------------------------------------------------------------------
 // AVX-512 + VNNI: one 64-weight chunk is one zmm of bytes; vpdpbusd does
-// 64 u8 x s8 products into 16 int32 lanes.
+// 64 u8 x s8 products into 16 int32 lanes, starting from -offset * lane sums.
 // ---------------------------------------------------------------------------
 inline __m512i nibbles(const uint8_t* p) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const __m256i m = _mm256_set1_epi8(0x0F);
-  const __m256i lo = _mm256_and_si256(v, m), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
-  return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const __m512i sh = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);  // low half 0, high half 4
+  return _mm512_and_si512(_mm512_srlv_epi16(v, sh), _mm512_set1_epi8(0x0F));
 }
 
 template <int T>
@@ -227,36 +232,54 @@ inline __m512i chunk_bytes(const uint8_t* row, int64_t c) {
   }
 }
 
+// (a, b) -> a, b, a, b, ... (one broadcast load)
+inline __m512 pair512(const float* p) {
+  double v;
+  std::memcpy(&v, p, 8);
+  return _mm512_castpd_ps(_mm512_set1_pd(v));
+}
+
 inline __m512 join(__m256 lo, __m256 hi) { return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1); }
 
-// Here the weights are the signed operand: ws = q - offset, and the activations
-// the unsigned one (x + 128), so sum(w x) = dpbusd(x + 128, ws) - 128 sum(ws), where
-// the correction is per weight chunk and shared by all rows (no per-row offsets).
 template <int T, int G>
-inline void row_group(const uint8_t* row, const XQ& a, const int32_t*, int64_t n0, float* y, int64_t ldy) {
-  constexpr bool mins = T == T_Q4_1 || T == T_Q4_K;
+inline void row_group(const uint8_t* row, const XQ& a, const int32_t* init, int64_t n0, float* y, int64_t ldy) {
+  constexpr bool mins = has_mins(T);
   const int64_t nc = a.nc, K = a.K;
-  const uint8_t* xu = a.qu.data() + n0 * K;
-  const float* dl = a.dl.data() + n0 * nc * 16;
-  const float* cl = a.cl.data() + n0 * nc * 16;
+  const int8_t* xq = a.q.data() + n0 * K;
+  const float* dl = a.dl.data() + n0 * nc * 2;
+  const float* cl = a.cl.data() + n0 * nc * 2;
+  const int32_t* in = init ? init + n0 * (K / 4) : nullptr;
   __m512 acc[G];
   for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
   Scales sc;
+  // Several rows with an offset: the weights become the signed operand (q - offset)
+  // and the activations the unsigned one (x + 128); sum(w x) = dpbusd(x + 128, w) -
+  // 128 sum(w), a correction per weight chunk shared by the rows (no per-row loads).
+  constexpr bool flip = G > 1 && lane_offset(T) != 0;
+  const uint8_t* xu = flip ? a.qu.data() + n0 * K : nullptr;
   const __m512i k80 = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t c = 0; c < nc; ++c) {
-    __m512i w = chunk_bytes<T>(row, c);
-    if constexpr (T == T_Q8_0) w = _mm512_xor_si512(w, k80);
-    else w = _mm512_sub_epi8(w, _mm512_set1_epi8(static_cast<char>(lane_offset(T))));
-    const __m512i corr = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), k80, w));
+    __m512i u = chunk_bytes<T>(row, c);
+    __m512i corr = _mm512_setzero_si512();
+    if constexpr (flip) {
+      u = _mm512_sub_epi8(u, _mm512_set1_epi8(static_cast<char>(lane_offset(T))));
+      corr = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), k80, u));
+    }
     chunk_scales<T>(row, c, sc);
     const __m512 ws = join(sc.s_lo, sc.s_hi);
     __m512 wm = _mm512_setzero_ps();
     if constexpr (mins) wm = join(sc.m_lo, sc.m_hi);
     for (int g = 0; g < G; ++g) {
-      const __m512i li = _mm512_dpbusd_epi32(corr, _mm512_loadu_si512(xu + g * K + c * 64), w);
-      const __m512 s = _mm512_mul_ps(ws, _mm512_loadu_ps(dl + (g * nc + c) * 16));
+      __m512i li;
+      if constexpr (flip) {
+        li = _mm512_dpbusd_epi32(corr, _mm512_loadu_si512(xu + g * K + c * 64), u);
+      } else {
+        li = in ? _mm512_loadu_si512(in + g * (K / 4) + c * 16) : _mm512_setzero_si512();
+        li = _mm512_dpbusd_epi32(li, u, _mm512_loadu_si512(xq + g * K + c * 64));
+      }
+      const __m512 s = _mm512_mul_ps(ws, pair512(dl + (g * nc + c) * 2));
       acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(li), s, acc[g]);
-      if constexpr (mins) acc[g] = _mm512_fmadd_ps(wm, _mm512_loadu_ps(cl + (g * nc + c) * 16), acc[g]);
+      if constexpr (mins) acc[g] = _mm512_fmadd_ps(wm, pair512(cl + (g * nc + c) * 2), acc[g]);
     }
   }
   for (int g = 0; g < G; ++g) {
@@ -266,13 +289,12 @@ inline void row_group(const uint8_t* row, const XQ& a, const int32_t*, int64_t n
   }
 }
 
-// the 64 decoded bytes of a chunk, weight value q - offset (for qrows)
+// the 64 decoded values of a chunk in chunk order (q - offset, for qrows)
 template <int T>
 inline void chunk_values(const uint8_t* row, int64_t c, int* q) {
   uint8_t u[64];
   _mm512_storeu_si512(u, chunk_bytes<T>(row, c));
-  const int off = T == T_Q8_0 ? 128 : lane_offset(T);
-  for (int e = 0; e < 64; ++e) q[e] = static_cast<int>(u[e]) - off;
+  for (int e = 0; e < 64; ++e) q[e] = static_cast<int>(u[e]) - lane_offset(T);
 }
 constexpr int kGroup = 8;
 #else
@@ -329,6 +351,13 @@ inline void chunk_bytes(const uint8_t* row, int64_t c, __m256i& lo, __m256i& hi)
   }
 }
 
+// (a, b) -> a, b, a, b, ... (one broadcast load)
+inline __m256 pair256(const float* p) {
+  double v;
+  std::memcpy(&v, p, 8);
+  return _mm256_castpd_ps(_mm256_set1_pd(v));
+}
+
 template <bool SIGNED>
 inline __m256i dot4(__m256i init, __m256i u, __m256i x) {
   const __m256i ones = _mm256_set1_epi16(1);
@@ -340,11 +369,11 @@ inline __m256i dot4(__m256i init, __m256i u, __m256i x) {
 
 template <int T, int G>
 inline void row_group(const uint8_t* row, const XQ& a, const int32_t* init, int64_t n0, float* y, int64_t ldy) {
-  constexpr bool mins = T == T_Q4_1 || T == T_Q4_K, sgn = T == T_Q8_0;
+  constexpr bool mins = has_mins(T), sgn = T == T_Q8_0;
   const int64_t nc = a.nc, K = a.K;
   const int8_t* xq = a.q.data() + n0 * K;
-  const float* dl = a.dl.data() + n0 * nc * 16;
-  const float* cl = a.cl.data() + n0 * nc * 16;
+  const float* dl = a.dl.data() + n0 * nc * 2;
+  const float* cl = a.cl.data() + n0 * nc * 2;
   const int32_t* in = init ? init + n0 * (K / 4) : nullptr;
   __m256 lo_acc[G], hi_acc[G];
   for (int g = 0; g < G; ++g) lo_acc[g] = hi_acc[g] = _mm256_setzero_ps();
@@ -361,13 +390,13 @@ inline void row_group(const uint8_t* row, const XQ& a, const int32_t* init, int6
                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg)));
       const __m256i lhi = dot4<sgn>(ig ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ig + 8)) : z, uhi,
                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 32)));
-      const float* d = dl + (g * nc + c) * 16;
-      lo_acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(llo), _mm256_mul_ps(sc.s_lo, _mm256_loadu_ps(d)), lo_acc[g]);
-      hi_acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lhi), _mm256_mul_ps(sc.s_hi, _mm256_loadu_ps(d + 8)), hi_acc[g]);
+      const __m256 d = pair256(dl + (g * nc + c) * 2);
+      lo_acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(llo), _mm256_mul_ps(sc.s_lo, d), lo_acc[g]);
+      hi_acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lhi), _mm256_mul_ps(sc.s_hi, d), hi_acc[g]);
       if constexpr (mins) {
-        const float* cg = cl + (g * nc + c) * 16;
-        lo_acc[g] = _mm256_fmadd_ps(sc.m_lo, _mm256_loadu_ps(cg), lo_acc[g]);
-        hi_acc[g] = _mm256_fmadd_ps(sc.m_hi, _mm256_loadu_ps(cg + 8), hi_acc[g]);
+        const __m256 cg = pair256(cl + (g * nc + c) * 2);
+        lo_acc[g] = _mm256_fmadd_ps(sc.m_lo, cg, lo_acc[g]);
+        hi_acc[g] = _mm256_fmadd_ps(sc.m_hi, cg, hi_acc[g]);
       }
     }
   }
@@ -387,16 +416,22 @@ inline void chunk_values(const uint8_t* row, int64_t c, int* q) {
 constexpr int kGroup = 4;
 #endif
 
-constexpr int64_t kPfRows = 4;  // software prefetch distance (rows); prefetches never fault
+// software prefetch distances in bytes, into L1 and into L2 (speed only; prefetches never fault)
+int64_t g_pf_bytes = 4096, g_pf2_bytes = 0;
 
 // weight rows o0..o1 of one part against all x rows: each group of x rows stays
 // in L1 while it passes over the rows (grouping changes nothing per output)
 template <int T, int G>
 inline void rows_group(const uint8_t* w, int64_t rb, int64_t o0, int64_t o1, const XQ& a, const int32_t* init,
                        int64_t n0, float* y, int64_t ldy) {
+  const int64_t pf = g_pf_bytes, pf2 = g_pf2_bytes;
   for (int64_t o = o0; o < o1; ++o) {
-    if (n0 == 0)  // the first pass streams the rows from memory: fetch a few rows ahead
-      for (int64_t l = 0; l < rb; l += 64) _mm_prefetch(reinterpret_cast<const char*>(w + (o + kPfRows) * rb + l), _MM_HINT_T0);
+    if (n0 == 0) {  // the first pass streams the rows from memory: fetch ahead
+      if (pf > 0)
+        for (int64_t l = 0; l < rb; l += 64) _mm_prefetch(reinterpret_cast<const char*>(w + o * rb + pf + l), _MM_HINT_T0);
+      if (pf2 > 0)
+        for (int64_t l = 0; l < rb; l += 64) _mm_prefetch(reinterpret_cast<const char*>(w + o * rb + pf2 + l), _MM_HINT_T1);
+    }
     row_group<T, G>(w + o * rb, a, init, n0, y + n0 * ldy + o, ldy);
   }
 }
@@ -430,14 +465,14 @@ void dequant_row(const uint8_t* row, int64_t K, float* out) {
     chunk_scales<T>(row, c, sc);
     _mm256_storeu_ps(s, sc.s_lo);
     _mm256_storeu_ps(s + 8, sc.s_hi);
-    if constexpr (T == T_Q4_1 || T == T_Q4_K) {
+    if constexpr (has_mins(T)) {
       _mm256_storeu_ps(m, sc.m_lo);
       _mm256_storeu_ps(m + 8, sc.m_hi);
     }
     chunk_values<T>(row, c, q);
-    for (int e = 0; e < 64; ++e) {
-      const float v = s[e / 4] * static_cast<float>(q[e]);
-      out[c * 64 + e] = (T == T_Q4_1 || T == T_Q4_K) ? v + m[e / 4] : v;
+    for (int p = 0; p < 64; ++p) {
+      const float v = s[p / 4] * static_cast<float>(q[p]);
+      out[c * 64 + chunk_elem(p)] = has_mins(T) ? v + m[p / 4] : v;
     }
   }
 }
@@ -491,7 +526,7 @@ torch::Tensor qlinear(torch::Tensor x, std::vector<torch::Tensor> parts, std::ve
   std::vector<const int32_t*> initp(parts.size(), nullptr);
   for (size_t p = 0; p < parts.size(); ++p) {
     const int off = lane_offset(static_cast<int>(types[p]));
-    if (!off || MTP_AVX512) continue;  // AVX-512 corrects per weight chunk instead
+    if (!off) continue;
     inits[p].resize(a.ls.size());
     for (size_t i = 0; i < a.ls.size(); ++i) inits[p][i] = -off * a.ls[i];
     initp[p] = inits[p].data();
@@ -561,9 +596,15 @@ torch::Tensor huge_copy(torch::Tensor w) {
 
 std::string isa() { return MTP_AVX512 ? "avx512-vnni" : "avx2"; }
 
+void set_prefetch(int64_t l1_bytes, int64_t l2_bytes) {
+  g_pf_bytes = l1_bytes;
+  g_pf2_bytes = l2_bytes;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear, "batch-invariant y = x @ W.T over quantized row blocks");
   m.def("qrows", &qrows, "exact fp32 values of selected rows of a quantized weight");
   m.def("huge_copy", &huge_copy, "copy into transparent huge pages");
   m.def("isa", &isa, "instruction set this build uses");
+  m.def("_set_prefetch", &set_prefetch, "speed-only knobs: software prefetch distances into L1 and L2, bytes (0 = off)");
 }

@@ -29,7 +29,7 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.floa
 # "auto" = gguf where the directory has it, else bf16.
 from ..config import DEFAULT_WEIGHTS, WEIGHT_CHOICES as WEIGHT_FORMATS  # noqa: E402
 QUANT_FILE = "quant.safetensors"
-QUANT_FORMAT = "mtpdraft-quant-1"
+QUANT_FORMAT = "mtpdraft-quant-2"  # 2: chunk order (lanes alternate blocks)
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -184,7 +184,10 @@ def load_model_dir(path: str | Path, dtype: str | torch.dtype = DEFAULT_WEIGHTS)
     if fmt == "gguf":
         quant = load_quant(path / QUANT_FILE)
     elif fmt == "q8_0" and _q8_0_cache(path).is_file():
-        quant = load_quant(_q8_0_cache(path))
+        try:
+            quant = load_quant(_q8_0_cache(path))
+        except ValueError:  # an older layout: quantized again below
+            quant = None
     # quantized matrices are not read in dense form (names as stored: GGUF conversions and our own caches)
     weights = family.sanitize(load_safetensors_dir(path, skip=set(quant or ())))
     if model.args.tie_word_embeddings:
