@@ -102,7 +102,7 @@ def llama_bench(bins: Path, gguf: Path, n: int, threads: int) -> float:
 
 def llama_plain_text(bins: Path, gguf: Path, prompt: str, n: int) -> str:
     out = _run(bins, ["llama-simple", "-m", str(gguf), "-n", str(n), prompt])
-    return out.stdout
+    return out.stdout.removesuffix("\n")  # it ends with a newline of its own
 
 
 def llama_spec(bins: Path, gguf: Path, prompt: str, n: int, threads: int) -> tuple[str, float, float]:
@@ -125,9 +125,10 @@ def ours(model, tok, prompt: str, n: int, drafter) -> tuple[list[int], str, floa
 
 
 def after_prompt(text: str, prompt: str) -> str:
-    """llama.cpp's examples print (<bos>) prompt + generation: keep the generation."""
-    i = text.find(prompt)
-    return text[i + len(prompt):] if i >= 0 else text
+    """llama.cpp's examples print [blank lines] <bos> prompt generation: keep the generation
+    (both outputs are cut the same way, so a prompt that detokenizes differently still compares)."""
+    text = text.split("<bos>", 1)[-1]
+    return text[len(prompt):] if text.startswith(prompt) else text
 
 
 def same_prefix(a: str, b: str) -> bool:

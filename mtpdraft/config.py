@@ -62,10 +62,10 @@ class SamplingParams:
 DEFAULT_WEIGHTS = "auto"
 WEIGHT_CHOICES = ("auto", "gguf", "q8_0", "bf16", "fp32")
 
-# Tokens drafted per cycle. With the packed multi-row kernels a 7-token verification
-# costs ~1.5 one-token forwards here, and on held-out training prompts (never the
-# bench set) k=6 was as fast as k=4 or faster for both prompt lookup and the shipped
-# drafter, with a higher tau (README, the `--draft-len` paragraph; benchmarks/draft_len.py).
+# Tokens drafted per cycle. On held-out training prompts (never the bench set) k=6 was
+# the fastest of 3..6 and adaptive with the default quantized weights (a 7-token
+# verification ~2.5 one-token forwards), and as fast as k=4 or faster with bf16 (~1.5),
+# with a higher tau (README, the `--draft-len` paragraph; benchmarks/draft_len.py).
 DEFAULT_DRAFT_LEN = 6
 
 

@@ -213,6 +213,15 @@ def _build(src: Path, prefix: str, cflags: list[str]):
                 build_directory=str(build_dir), verbose=False)
 
 
+def _check_native_allowed() -> None:
+    """Raise (with the reason) when native kernels must not or cannot be used here."""
+    if os.environ.get("MTPDRAFT_NO_NATIVE", "") not in ("", "0"):
+        raise RuntimeError("disabled by MTPDRAFT_NO_NATIVE")
+    reason = _cpu_ok()
+    if reason:
+        raise RuntimeError(reason)
+
+
 def _load():
     global _native, _fail_reason
     if _native is not None:
@@ -221,11 +230,7 @@ def _load():
         if _native is not None:
             return _native
         try:
-            if os.environ.get("MTPDRAFT_NO_NATIVE", "") not in ("", "0"):
-                raise RuntimeError("disabled by MTPDRAFT_NO_NATIVE")
-            reason = _cpu_ok()
-            if reason:
-                raise RuntimeError(reason)
+            _check_native_allowed()
             _native = _build(_SRC, "mtpdraft_kernels_", _CFLAGS)
         except Exception as e:  # noqa: BLE001 - any failure means fallback
             _native = False
@@ -410,11 +415,7 @@ def _qload(isa: str | None = None):
         if isa in _qnative:
             return _qnative[isa]
         try:
-            if os.environ.get("MTPDRAFT_NO_NATIVE", "") not in ("", "0"):
-                raise RuntimeError("disabled by MTPDRAFT_NO_NATIVE")
-            reason = _cpu_ok()
-            if reason:
-                raise RuntimeError(reason)
+            _check_native_allowed()
             flags = _CFLAGS + (_AVX512_FLAGS if isa == "avx512-vnni" else [])
             _qnative[isa] = _build(_QSRC, "mtpdraft_qkernels_" + isa.replace("-", "_") + "_", flags)
         except Exception as e:  # noqa: BLE001
