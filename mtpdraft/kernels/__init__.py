@@ -156,15 +156,10 @@ def _cache_dir() -> Path:
 
 def _cpu_ok() -> str:
     """Empty string if the CPU has AVX2 + FMA (or we cannot tell), else a reason."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    missing = [fl for fl in ("avx2", "fma") if fl not in flags]
-                    return f"CPU lacks {', '.join(missing)}" if missing else ""
-    except OSError:
-        pass
+    flags = _cpu_flags()
+    if flags:
+        missing = [fl for fl in ("avx2", "fma") if fl not in flags]
+        return f"CPU lacks {', '.join(missing)}" if missing else ""
     import platform
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -173,6 +168,7 @@ def _cpu_ok() -> str:
 
 
 def _cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -462,10 +458,6 @@ class QWeight:
     @property
     def nbytes(self) -> int:
         return sum(p.numel() for p in self.parts)
-
-    @property
-    def qtype(self) -> str:
-        return "+".join(sorted(set(self.types)))
 
     @staticmethod
     def cat(ws: "list[QWeight]") -> "QWeight":

@@ -46,8 +46,8 @@ namespace {
 constexpr int T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14;
 
 // bytes of one record and the weights it holds
-inline int64_t rec_elems(int t) { return (t == T_Q4_K || t == T_Q6_K) ? 256 : 64; }
-inline int64_t rec_bytes(int t) {
+constexpr int64_t rec_elems(int t) { return (t == T_Q4_K || t == T_Q6_K) ? 256 : 64; }
+constexpr int64_t rec_bytes(int t) {
   switch (t) {
     case T_Q8_0: return 68;
     case T_Q4_0: return 36;
@@ -56,7 +56,13 @@ inline int64_t rec_bytes(int t) {
     case T_Q4_K: return 148;
     case T_Q6_K: return 210;
   }
-  TORCH_CHECK(false, "unsupported quantized weight type ", t);
+  return 0;  // unsupported (check_part refuses it)
+}
+
+// the record holding chunk c (64 weights) of a row; K-quant records hold 4 chunks
+template <int T>
+inline const uint8_t* record(const uint8_t* row, int64_t c) {
+  return rec_elems(T) == 256 ? row + (c >> 2) * rec_bytes(T) : row + c * rec_bytes(T);
 }
 
 // integer offset folded into the lane accumulator: sum(w * x) = sum(u * x) - off * sum(x)
@@ -160,14 +166,13 @@ struct Scales {
 template <int T>
 inline void chunk_scales(const uint8_t* row, int64_t c, Scales& sc) {
   if constexpr (T == T_Q8_0 || T == T_Q4_0 || T == T_Q5_0 || T == T_Q4_1) {
-    constexpr int64_t rb = T == T_Q8_0 ? 68 : T == T_Q4_0 ? 36 : T == T_Q4_1 ? 40 : 44;
     constexpr int64_t off = T == T_Q8_0 ? 64 : T == T_Q5_0 ? 40 : 32;
-    const uint8_t* r = row + c * rb;
+    const uint8_t* r = record<T>(row, c);
     // fp16 (d_a, d_b) -> lanes d_a, d_b, d_a, d_b, ...
     sc.s_lo = sc.s_hi = _mm256_cvtph_ps(_mm_set1_epi32(static_cast<int>(load32(r + off))));
     if constexpr (T == T_Q4_1) sc.m_lo = sc.m_hi = _mm256_cvtph_ps(_mm_set1_epi32(static_cast<int>(load32(r + 36))));
   } else if constexpr (T == T_Q4_K) {
-    const uint8_t* r = row + (c >> 2) * 148;
+    const uint8_t* r = record<T>(row, c);
     const int j = static_cast<int>(c & 3);
     if (j == 0) {
       const __m256 d = _mm256_set1_ps(h2f(r + 128)), dmin = _mm256_set1_ps(h2f(r + 130));
@@ -181,7 +186,7 @@ inline void chunk_scales(const uint8_t* row, int64_t c, Scales& sc) {
     sc.s_lo = sc.s_hi = _mm256_permutevar8x32_ps(sc.sb0, idx);
     sc.m_lo = sc.m_hi = _mm256_permutevar8x32_ps(sc.mb, idx);
   } else if constexpr (T == T_Q6_K) {
-    const uint8_t* r = row + (c >> 2) * 210;
+    const uint8_t* r = record<T>(row, c);
     const int j = static_cast<int>(c & 3);
     if (j == 0) {
       const __m256 d = _mm256_set1_ps(h2f(r + 208));
@@ -211,17 +216,17 @@ inline __m512i nibbles(const uint8_t* p) {
 
 template <int T>
 inline __m512i chunk_bytes(const uint8_t* row, int64_t c) {
-  if constexpr (T == T_Q8_0) return _mm512_loadu_si512(row + c * 68);
-  if constexpr (T == T_Q4_0) return nibbles(row + c * 36);
-  if constexpr (T == T_Q4_1) return nibbles(row + c * 40);
+  if constexpr (T == T_Q8_0) return _mm512_loadu_si512(record<T>(row, c));
+  if constexpr (T == T_Q4_0) return nibbles(record<T>(row, c));
+  if constexpr (T == T_Q4_1) return nibbles(record<T>(row, c));
   if constexpr (T == T_Q5_0) {
-    const uint8_t* r = row + c * 44;
+    const uint8_t* r = record<T>(row, c);
     const __m512i v = nibbles(r);
     return _mm512_mask_add_epi8(v, static_cast<__mmask64>(load64(r + 32)), v, _mm512_set1_epi8(16));
   }
-  if constexpr (T == T_Q4_K) return nibbles(row + (c >> 2) * 148 + (c & 3) * 32);
+  if constexpr (T == T_Q4_K) return nibbles(record<T>(row, c) + (c & 3) * 32);
   if constexpr (T == T_Q6_K) {
-    const uint8_t* r = row + (c >> 2) * 210;
+    const uint8_t* r = record<T>(row, c);
     const __m512i lo = nibbles(r + (c & 3) * 32);
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 128 + (c & 3) * 16));
     constexpr int64_t one = 0x0001000100010001LL;
@@ -323,24 +328,24 @@ inline __m256i bits_to_16(uint32_t bits) {
 template <int T>
 inline void chunk_bytes(const uint8_t* row, int64_t c, __m256i& lo, __m256i& hi) {
   if constexpr (T == T_Q8_0) {
-    const uint8_t* r = row + c * 68;
+    const uint8_t* r = record<T>(row, c);
     const __m256i k80 = _mm256_set1_epi8(static_cast<char>(0x80));
     lo = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r)), k80);
     hi = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 32)), k80);
   } else if constexpr (T == T_Q4_0) {
-    nibbles(row + c * 36, lo, hi);
+    nibbles(record<T>(row, c), lo, hi);
   } else if constexpr (T == T_Q4_1) {
-    nibbles(row + c * 40, lo, hi);
+    nibbles(record<T>(row, c), lo, hi);
   } else if constexpr (T == T_Q5_0) {
-    const uint8_t* r = row + c * 44;
+    const uint8_t* r = record<T>(row, c);
     const uint64_t bits = load64(r + 32);
     nibbles(r, lo, hi);
     lo = _mm256_or_si256(lo, bits_to_16(static_cast<uint32_t>(bits)));
     hi = _mm256_or_si256(hi, bits_to_16(static_cast<uint32_t>(bits >> 32)));
   } else if constexpr (T == T_Q4_K) {
-    nibbles(row + (c >> 2) * 148 + (c & 3) * 32, lo, hi);
+    nibbles(record<T>(row, c) + (c & 3) * 32, lo, hi);
   } else if constexpr (T == T_Q6_K) {
-    const uint8_t* r = row + (c >> 2) * 210;
+    const uint8_t* r = record<T>(row, c);
     nibbles(r + (c & 3) * 32, lo, hi);
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 128 + (c & 3) * 16));
     const __m128i m3 = _mm_set1_epi8(3);
@@ -492,6 +497,7 @@ inline void dispatch(int t, const F& f) {
 }
 
 void check_part(const torch::Tensor& w, int64_t t, int64_t K) {
+  TORCH_CHECK(rec_bytes(static_cast<int>(t)) > 0, "unsupported quantized weight type ", t);
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
               "quantized weight must be a contiguous uint8 [O, row_bytes] tensor");
   TORCH_CHECK(K % rec_elems(static_cast<int>(t)) == 0, "quantized weight: K=", K, " is not a multiple of ",

@@ -68,15 +68,24 @@ def save_quant(path: Path, quant: dict[str, "object"]) -> None:
     save_file(tensors, str(path), metadata={"format": QUANT_FORMAT, "weights": json.dumps(meta)})
 
 
-def load_quant(path: Path) -> dict[str, "object"]:
-    from ..kernels import QWeight
-
+def _quant_meta(path: Path) -> dict:
+    """A quant file's header: {name: [type, K]} (ValueError if it is not one of ours)."""
     try:
         with safe_open(str(path), "pt") as f:
             md = f.metadata() or {}
-            if md.get("format") != QUANT_FORMAT:
-                raise ValueError(f"not an {QUANT_FORMAT} file")
-            meta = json.loads(md["weights"])
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"malformed quantized weights file {path}: {e}") from e
+    if md.get("format") != QUANT_FORMAT:
+        raise ValueError(f"malformed quantized weights file {path}: not an {QUANT_FORMAT} file")
+    return json.loads(md["weights"])
+
+
+def load_quant(path: Path) -> dict[str, "object"]:
+    from ..kernels import QWeight
+
+    meta = _quant_meta(path)
+    try:
+        with safe_open(str(path), "pt") as f:
             return {name: QWeight([f.get_tensor(name)], [t], k) for name, (t, k) in meta.items()}
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"malformed quantized weights file {path}: {e}") from e
@@ -87,9 +96,7 @@ def quant_summary(path: Path) -> "tuple[str, int] | None":
     f = Path(path) / QUANT_FILE
     if not f.is_file():
         return None
-    with safe_open(str(f), "pt") as sf:
-        meta = json.loads((sf.metadata() or {}).get("weights", "{}"))
-    return "+".join(sorted({t for t, _ in meta.values()})), f.stat().st_size
+    return "+".join(sorted({t for t, _ in _quant_meta(f).values()})), f.stat().st_size
 
 
 def quantizable(model: CausalLM) -> set[str]:
@@ -114,12 +121,11 @@ def _q8_0_cache(path: Path) -> Path:
     return cache_root() / "quant" / f"{Path(path).resolve().name}-{h.hexdigest()[:12]}" / "q8_0.safetensors"
 
 
-def quantize_q8_0(model: CausalLM, weights: dict[str, torch.Tensor], path: Path) -> dict[str, "object"]:
-    """Q8_0 copies of the quantizable matrices, cached after the first load."""
+def quantize_q8_0(model: CausalLM, weights: dict[str, torch.Tensor], path: Path, cache: Path) -> dict[str, "object"]:
+    """Q8_0 copies of the quantizable matrices, saved to `cache` for later loads."""
     from ..kernels import QWeight
     from ..kernels.quant import quantize_q8_0 as q8
 
-    cache = _q8_0_cache(path)
     print(f"mtpdraft: quantizing {path.name} to q8_0 (once)...", file=sys.stderr, flush=True)
     quant = {}
     for name in sorted(quantizable(model)):
@@ -181,11 +187,12 @@ def load_model_dir(path: str | Path, dtype: str | torch.dtype = DEFAULT_WEIGHTS)
     family = family_of(config)  # an unsupported architecture is reported before any weight is read
     model = build_model(config)
     quant = None
+    q8_cache = _q8_0_cache(path) if fmt == "q8_0" else None
     if fmt == "gguf":
         quant = load_quant(path / QUANT_FILE)
-    elif fmt == "q8_0" and _q8_0_cache(path).is_file():
+    elif q8_cache is not None and q8_cache.is_file():
         try:
-            quant = load_quant(_q8_0_cache(path))
+            quant = load_quant(q8_cache)
         except ValueError:  # an older layout: quantized again below
             quant = None
     # quantized matrices are not read in dense form (names as stored: GGUF conversions and our own caches)
@@ -193,7 +200,7 @@ def load_model_dir(path: str | Path, dtype: str | torch.dtype = DEFAULT_WEIGHTS)
     if model.args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     if fmt == "q8_0" and quant is None:
-        quant = quantize_q8_0(model, weights, path)
+        quant = quantize_q8_0(model, weights, path, q8_cache)
     if quant:
         weights = {k: v for k, v in weights.items() if k not in quant}
     model.load_weights(weights, torch.float32 if fmt == "fp32" else torch.bfloat16, quant)

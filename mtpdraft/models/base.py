@@ -156,9 +156,10 @@ class CausalLM(nn.Module):
         else:
             self._head = kernels.pack(self.head_weight)  # the biggest matrix: stream it
         types = sorted({t for q in quant.values() for t in q.types})
-        self.weights_format = "+".join(types) if types else str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
+        dense = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+        self.weights_format = "+".join(types) if types else dense
         if types and len(quant) < sum(p.ndim == 2 for p in params.values()):
-            self.weights_format += f" (+{str(dtype).removeprefix('torch.').replace('bfloat16', 'bf16')})"
+            self.weights_format += f" (+{dense})"  # some matrices stayed dense
 
     def weight_bytes(self) -> int:
         """Bytes of weights a decode step reads (quantized matrices at their own size)."""
