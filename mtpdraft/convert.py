@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 
 # 2: quant.safetensors beside the dense weights; 3: its chunk-order layout (earlier conversions are redone once)
-CONVERT_VERSION = 3
+CONVERT_VERSION = 4
 
 
 def is_current(out_dir: str | Path) -> bool:
@@ -101,7 +101,7 @@ def extract_quantized(gguf_path: Path, skeleton, config: dict, dense: dict[str, 
             continue
         k, rows = int(t.shape[0]), int(t.shape[1])
         name = names[t.name]
-        if not supported(qtype, k) or name not in dense:
+        if not supported(qtype, rows, k) or name not in dense:
             if qtype not in ("F32", "F16", "BF16"):
                 skipped.append(f"{t.name} ({qtype})")
             continue
@@ -111,7 +111,7 @@ def extract_quantized(gguf_path: Path, skeleton, config: dict, dense: dict[str, 
         if perm is None or sorted(perm.tolist()) != list(range(rows)):
             skipped.append(f"{t.name} (row order)")
             continue
-        rec = repack_gguf(np.asarray(t.data), qtype, rows, k)[perm]
+        rec = repack_gguf(np.asarray(t.data).reshape(rows, -1)[perm], qtype, rows, k)
         if not np.array_equal(dequantize(rec, qtype, k), dense[name].numpy()):
             skipped.append(f"{t.name} (values)")
             continue

@@ -58,9 +58,9 @@ def act_quant_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("qtype", TYPES)
 def test_repack_dequantizes_to_the_files_values(qtype):
     for k in (256, 768):
-        raw = random_gguf_blocks(qtype, 5, k, seed=k)
-        rec = repack_gguf(raw, qtype, 5, k)
-        want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).reshape(5, k)
+        raw = random_gguf_blocks(qtype, 16, k, seed=k)
+        rec = repack_gguf(raw, qtype, 16, k)
+        want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).reshape(16, k)
         assert np.array_equal(dequantize(rec, qtype, k), want)
         # same bytes per weight as the file, except Q4_K's 6-bit scales unpacked (+4 of 144 bytes)
         assert rec.nbytes * 144 <= raw.nbytes * 148
@@ -69,9 +69,9 @@ def test_repack_dequantizes_to_the_files_values(qtype):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", TYPES)
 def test_qrows_exact_and_qlinear_matches_reference(qtype, isa):
-    w, ref = qweight(qtype, 70, 512, seed=1)
+    w, ref = qweight(qtype, 80, 512, seed=1)
     mod = K._qload(isa)
-    ids = torch.tensor([0, 69, 5, 5, 33])
+    ids = torch.tensor([0, 79, 5, 5, 33, 16, 17])
     assert torch.equal(mod.qrows(w.parts[0], w._ids[0], 512, ids), ref[ids])
     x = torch.randn(9, 512, generator=torch.Generator().manual_seed(0))
     got = mod.qlinear(x, w.parts, w._ids)
@@ -80,7 +80,7 @@ def test_qrows_exact_and_qlinear_matches_reference(qtype, isa):
 
 @pytest.mark.parametrize("qtype", TYPES)
 def test_qlinear_bit_invariant_over_rows_threads_and_isas(qtype):
-    w, _ = qweight(qtype, 131, 768, seed=2)
+    w, _ = qweight(qtype, 144, 768, seed=2)
     x = torch.randn(18, 768, generator=torch.Generator().manual_seed(1)) * 3
     base = K._qload(ISAS[0]).qlinear(x, w.parts, w._ids)
     before = torch.get_num_threads()
@@ -98,11 +98,11 @@ def test_qlinear_bit_invariant_over_rows_threads_and_isas(qtype):
 
 
 def test_mixed_type_parts_equal_separate_calls():
-    a, _ = qweight("Q5_0", 40, 640, seed=3)
-    b, _ = qweight("Q8_0", 24, 640, seed=4)
-    c, _ = qweight("Q5_0", 8, 640, seed=5)
+    a, _ = qweight("Q5_0", 48, 640, seed=3)
+    b, _ = qweight("Q8_0", 32, 640, seed=4)
+    c, _ = qweight("Q5_0", 16, 640, seed=5)
     fused = K.QWeight.cat([a, b, c])
-    assert fused.types == ["Q5_0", "Q8_0", "Q5_0"] and fused.shape == (72, 640)
+    assert fused.types == ["Q5_0", "Q8_0", "Q5_0"] and fused.shape == (96, 640)
     x = torch.randn(7, 640)
     want = torch.cat([K.qlinear(x, a), K.qlinear(x, b), K.qlinear(x, c)], -1)
     assert torch.equal(K.qlinear(x, fused), want)
@@ -111,12 +111,20 @@ def test_mixed_type_parts_equal_separate_calls():
 
 
 def test_q8_0_quantization_round_trip():
-    w = torch.randn(33, 128) * 0.05
+    w = torch.randn(48, 128) * 0.05
     rec = quantize_q8_0(w)
     deq = torch.from_numpy(dequantize(rec, "Q8_0", 128))
-    scale = w.reshape(33, 4, 32).abs().amax(-1, keepdim=True) / 127
-    assert ((deq - w).reshape(33, 4, 32).abs() <= scale * 0.5 + 1e-7).all()
-    assert rec.nbytes == 33 * 128 // 64 * 68
+    scale = w.reshape(48, 4, 32).abs().amax(-1, keepdim=True) / 127
+    assert ((deq - w).reshape(48, 4, 32).abs() <= scale * 0.5 + 1e-7).all()
+    assert rec.nbytes == 48 * 128 // 32 * 34  # the file's 34 bytes per 32 weights
+
+
+def test_rows_not_filling_a_panel_are_refused():
+    raw = random_gguf_blocks("Q5_0", 20, 256, seed=0)
+    with pytest.raises(ValueError, match="rows % 16"):
+        repack_gguf(raw, "Q5_0", 20, 256)
+    with pytest.raises(ValueError, match="rows % 16 == 0"):
+        quantize_q8_0(torch.randn(20, 64))
 
 
 def test_malformed_quantized_weight_is_refused():

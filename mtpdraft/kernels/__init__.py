@@ -438,21 +438,20 @@ def require_native(what: str = "speculative decoding") -> None:
 
 
 class QWeight:
-    """A [O, K] weight held as quantized records, possibly several parts (row blocks of
+    """A [O, K] weight held as quantized panels of 16 rows (quant.py), possibly several parts (row blocks of
     different types, e.g. a fused q/k/v projection). Never dequantized as a whole for
     inference; `rows()` gives exact fp32 values of selected rows (embedding lookups)."""
 
     __slots__ = ("parts", "types", "shape", "_ids")
 
     def __init__(self, parts: list[torch.Tensor], types: list[str], k: int):
-        from .quant import QTYPES, RECORD
+        from .quant import PANEL, QTYPES, UNIT, panel_bytes
 
         for p, t in zip(parts, types):
-            n, rb = RECORD[t]
-            if p.dtype != torch.uint8 or p.dim() != 2 or p.shape[1] != k // n * rb or k % n or k % 64:
+            if p.dtype != torch.uint8 or p.dim() != 2 or k % UNIT[t][0] or p.shape[1] != panel_bytes(t, k):
                 raise ValueError(f"malformed {t} weight: {tuple(p.shape)} {p.dtype} for K={k}")
         self.parts, self.types = parts, list(types)
-        self.shape = torch.Size([sum(p.shape[0] for p in parts), k])
+        self.shape = torch.Size([sum(p.shape[0] for p in parts) * PANEL, k])
         self._ids = [QTYPES[t] for t in types]
 
     @property
@@ -489,7 +488,7 @@ class QWeight:
         else:
             from .quant import dequantize
 
-            out = torch.from_numpy(dequantize(self.parts[0][flat].numpy(), self.types[0], self.shape[1]))
+            out = torch.from_numpy(dequantize(self.parts[0].numpy(), self.types[0], self.shape[1]))[flat]
         return out.reshape(*ids.shape, self.shape[1])
 
     def dequantize(self) -> torch.Tensor:

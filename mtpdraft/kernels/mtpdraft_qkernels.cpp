@@ -1,23 +1,26 @@
 // Batch-invariant linear layers over quantized weights (GGUF block types).
 //
-// Weights stay in their file's blocks, rearranged bit for bit into one record
-// per 64 (or 256) weights of a row so that a 64-weight chunk decodes to 64
-// unsigned bytes u = q + offset (see mtpdraft/kernels/quant.py for the layouts).
-// Within a chunk the two 32-weight blocks are interleaved in groups of 4: int32
-// lane l of a dot product holds 4 weights of block l % 2, so a chunk's two fp16
-// scales become 16 lane scales in one conversion.  Activations are quantized per
-// row to int8 in blocks of 32 (scale absmax / 127), as llama.cpp does for batched
-// verification, and laid out in the same order.  Per output:
+// Weights stay in their file's blocks, rearranged bit for bit into *panels* of 16
+// output rows (layouts: mtpdraft/kernels/quant.py).  Within a panel, each 32-weight
+// block is stored so that one 64-byte register holds 4 consecutive weights of each
+// of the 16 rows (byte 4j + i: row j, weight 4k + i of the block, k = 0..7), as
+// unsigned values u = q + offset.  One vpdpbusd with the activation row's 4 bytes
+// broadcast then advances 16 outputs by 4 weights; 8 of them finish a block, and no
+// output ever needs a horizontal sum.  Decoding a block is shared by every row of x
+// in the call, so verifying k+1 positions costs little more than decoding one.
 //
-//   lanes  = 16 int32 sums of 4 products u * x, minus offset * (sum of the 4 x)  (exact)
-//   acc   += float(lanes) * (weight scale * activation scale)      (per chunk)
-//   acc   += weight min * (activation scale * block sum / 8)       (types with mins)
-//   y      = hsum8(acc[0:8] + acc[8:16])
+// Activations are quantized per row to int8 in blocks of 32 (scale absmax / 127),
+// as llama.cpp does for batched verification.  Per row of x and output (one lane),
+// over the blocks b in order:
+//
+//   isum = sum(u * x) - offset * sum(x)                         (exact int32)
+//   acc  = fma(float(isum), weight scale * x scale_b, acc)     (Q6_K: per 16 weights)
+//   acc  = acc +- weight min * (x scale_b * sum(x))            (Q4_1 +, Q4_K -)
 //
 // The float operations of one output depend only on K and the type: not on how
-// many rows share the call, how they are grouped, or how threads split the
-// outputs.  The AVX-512 (VNNI) and AVX2 builds of this file produce the same
-// lanes and the same float sequence, hence the same bits.
+// many rows share the call, how they are grouped, or how threads split the panels.
+// The AVX-512 (VNNI) and AVX2 builds produce the same integer sums and the same
+// float sequence, hence the same bits.
 //
 // Compiled with -ffp-contract=off (scalar glue is never fused differently).
 
@@ -44,55 +47,44 @@ namespace {
 
 // ggml type ids
 constexpr int T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14;
+constexpr int64_t kPanel = 16;  // output rows per panel
 
-// bytes of one record and the weights it holds
-constexpr int64_t rec_elems(int t) { return (t == T_Q4_K || t == T_Q6_K) ? 256 : 64; }
-constexpr int64_t rec_bytes(int t) {
+// weights of one row per unit (a block, or a K-quant super-block) and a panel's bytes per unit
+constexpr int64_t unit_elems(int t) { return (t == T_Q4_K || t == T_Q6_K) ? 256 : 32; }
+constexpr int64_t unit_bytes(int t) {
   switch (t) {
-    case T_Q8_0: return 68;
-    case T_Q4_0: return 36;
-    case T_Q4_1: return 40;
-    case T_Q5_0: return 44;
-    case T_Q4_K: return 148;
-    case T_Q6_K: return 210;
+    case T_Q8_0: return 544;   // 16 fp16 scales, 8 x 64 bytes u = q + 128
+    case T_Q4_0: return 288;   // scales, 4 x 64 bytes of nibbles (register L low, L + 4 high)
+    case T_Q4_1: return 320;   // scales, mins, nibbles
+    case T_Q5_0: return 352;   // scales, nibbles, 8 x 64 fifth bits
+    case T_Q4_K: return 2368;  // d, dmin, 8 x 16 scales, 8 x 16 mins, 8 blocks of nibbles
+    case T_Q6_K: return 3360;  // d, 16 x 16 int8 scales, 8 blocks of (nibbles, 2 x 64 bytes of 2 high bits)
   }
   return 0;  // unsupported (check_part refuses it)
 }
 
-// the record holding chunk c (64 weights) of a row; K-quant records hold 4 chunks
-template <int T>
-inline const uint8_t* record(const uint8_t* row, int64_t c) {
-  return rec_elems(T) == 256 ? row + (c >> 2) * rec_bytes(T) : row + c * rec_bytes(T);
-}
-
-// integer offset folded into the lane accumulator: sum(w * x) = sum(u * x) - off * sum(x)
-constexpr int lane_offset(int t) {
+// integer offset folded into the block sum: sum(w x) = sum(u x) - off * sum(x)
+constexpr int block_offset(int t) {
   switch (t) {
-    case T_Q8_0: return MTP_AVX512 ? 128 : 0;  // stored as w + 128; AVX2 multiplies the signed bytes
+    case T_Q8_0: return MTP_AVX512 ? 128 : 0;  // AVX2 multiplies the signed bytes instead
     case T_Q4_0: return 8;
     case T_Q5_0: return 16;
-    case T_Q6_K: return 32;
+    case T_Q6_K: return 32;  // per 16 weights
   }
   return 0;
 }
+constexpr int value_offset(int t) {
+  return t == T_Q8_0 ? 128 : t == T_Q4_0 ? 8 : t == T_Q5_0 ? 16 : t == T_Q6_K ? 32 : 0;
+}
+constexpr bool has_mins(int t) { return t == T_Q4_1 || t == T_Q4_K; }
 
 inline float h2f(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
   return _cvtsh_ss(h);
 }
-
-inline float hsum8(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v);
-  __m128 hi = _mm256_extractf128_ps(v, 1);
-  __m128 s = _mm_add_ps(lo, hi);
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline uint32_t load32(const uint8_t* p) {
-  uint32_t v;
+inline int32_t load32(const void* p) {
+  int32_t v;
   std::memcpy(&v, p, 4);
   return v;
 }
@@ -102,216 +94,255 @@ inline uint64_t load64(const uint8_t* p) {
   return v;
 }
 
-// position p of a chunk (0..63) holds weight chunk_elem(p): int32 lane p / 4 alternates the two blocks
-constexpr int chunk_elem(int p) { return ((p >> 2) & 1) * 32 + (p >> 3) * 4 + (p & 3); }
-
-// Activations of N rows, quantized, in chunk order: K a multiple of 64.
+// Activations of N rows, quantized per 32 (K a multiple of 32), natural order.
 struct XQ {
-  int64_t N = 0, K = 0, nc = 0;
-  std::vector<int8_t> q;      // [N][K]  chunk order
-  std::vector<uint8_t> qu;    // [N][K]  q + 128 (AVX-512, several rows: the unsigned operand)
-  std::vector<int32_t> ls;    // [N][K/4]  sum of each lane's 4 activations
-  std::vector<float> dl;      // [N][nc][2]  the chunk's two block scales (lane l: dl[l % 2])
-  std::vector<float> cl;      // [N][nc][2]  block scale * block sum / 8
+  int64_t N = 0, K = 0, nb = 0;
+  std::vector<int8_t> q;     // [N][K]
+  std::vector<int32_t> s16;  // [N][K/16]  sums of 16 quantized activations
+  std::vector<float> d;      // [N][nb]    block scales
+  std::vector<float> cs;     // [N][nb]    block scale * block sum (types with mins)
 };
 
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+inline int hsum8i(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// per block of 32: d = absmax / 127, q = clamp(round-to-nearest-even(x * 127 / absmax), -127, 127)
+// (AVX2 in both builds: exact IEEE operations, so both give the same bytes)
 void quantize_x(const float* x, int64_t N, int64_t K, XQ& a) {
-  a.N = N, a.K = K, a.nc = K / 64;
+  a.N = N, a.K = K, a.nb = K / 32;
   a.q.resize(N * K);
-  a.qu.resize(MTP_AVX512 && N > 1 ? N * K : 0);
-  a.ls.resize(N * K / 4);
-  a.dl.resize(N * a.nc * 2);
-  a.cl.resize(N * a.nc * 2);
-  int8_t qb[64];
+  a.s16.resize(N * K / 16);
+  a.d.resize(N * a.nb);
+  a.cs.resize(N * a.nb);
+  const __m256 sign = _mm256_set1_ps(-0.0f), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t n = 0; n < N; ++n) {
-    for (int64_t c = 0; c < a.nc; ++c) {
-      const float* xc = x + n * K + c * 64;
-      float d[2], cs[2];
-      for (int h = 0; h < 2; ++h) {  // the chunk's two blocks of 32
-        float amax = 0.0f;
-        for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xc[h * 32 + i]));
-        d[h] = amax / 127.0f;
-        const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int isum = 0;
-        for (int i = 0; i < 32; ++i) {
-          float v = std::nearbyint(xc[h * 32 + i] * id);
-          v = std::min(127.0f, std::max(-127.0f, v));
-          qb[h * 32 + i] = static_cast<int8_t>(v);
-          isum += static_cast<int>(v);
-        }
-        cs[h] = (d[h] * static_cast<float>(isum)) * 0.125f;
+    for (int64_t b = 0; b < a.nb; ++b) {
+      const float* xb = x + n * K + b * 32;
+      __m256 v[4];
+      __m256 m = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm256_loadu_ps(xb + 8 * i);
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
       }
-      int8_t* qo = a.q.data() + n * K + c * 64;
-      for (int p = 0; p < 64; ++p) qo[p] = qb[chunk_elem(p)];
-      if (!a.qu.empty())
-        for (int p = 0; p < 64; ++p) a.qu[n * K + c * 64 + p] = static_cast<uint8_t>(qo[p] + 128);
-      int32_t* ls = a.ls.data() + (n * K + c * 64) / 4;
-      for (int l = 0; l < 16; ++l) ls[l] = qo[4 * l] + qo[4 * l + 1] + qo[4 * l + 2] + qo[4 * l + 3];
-      for (int h = 0; h < 2; ++h) {
-        a.dl[(n * a.nc + c) * 2 + h] = d[h];
-        a.cl[(n * a.nc + c) * 2 + h] = cs[h];
+      const float amax = hmax8(m);
+      const float d = amax / 127.0f;
+      const __m256 id = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+      __m256i q[4];
+      for (int i = 0; i < 4; ++i) {
+        __m256 r = _mm256_round_ps(_mm256_mul_ps(v[i], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q[i] = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, r)));
       }
+      const int s0 = hsum8i(_mm256_add_epi32(q[0], q[1])), s1 = hsum8i(_mm256_add_epi32(q[2], q[3]));
+      const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.q.data() + n * K + b * 32), _mm256_permutevar8x32_epi32(p, perm));
+      a.s16[(n * K) / 16 + 2 * b] = s0;
+      a.s16[(n * K) / 16 + 2 * b + 1] = s1;
+      a.d[n * a.nb + b] = d;
+      a.cs[n * a.nb + b] = d * static_cast<float>(s0 + s1);
     }
   }
 }
 
-// Per-chunk weight scales as 16 lanes in two halves (lo: lanes 0-7, hi: 8-15) and
-// the mins of the types that have them.  K-quant super-block values are computed
-// once per super-block (c % 4 == 0).  Same IEEE products in both builds.
-struct Scales {
-  __m256 s_lo, s_hi, m_lo, m_hi;
-  __m256 sb0, sb1, mb;  // super-block values (K-quants)
-};
-
+// ---------------------------------------------------------------------------
+// Exact values, scalar (embedding rows; the reference the vector code must match).
+// ---------------------------------------------------------------------------
 template <int T>
-inline void chunk_scales(const uint8_t* row, int64_t c, Scales& sc) {
-  if constexpr (T == T_Q8_0 || T == T_Q4_0 || T == T_Q5_0 || T == T_Q4_1) {
-    constexpr int64_t off = T == T_Q8_0 ? 64 : T == T_Q5_0 ? 40 : 32;
-    const uint8_t* r = record<T>(row, c);
-    // fp16 (d_a, d_b) -> lanes d_a, d_b, d_a, d_b, ...
-    sc.s_lo = sc.s_hi = _mm256_cvtph_ps(_mm_set1_epi32(static_cast<int>(load32(r + off))));
-    if constexpr (T == T_Q4_1) sc.m_lo = sc.m_hi = _mm256_cvtph_ps(_mm_set1_epi32(static_cast<int>(load32(r + 36))));
-  } else if constexpr (T == T_Q4_K) {
-    const uint8_t* r = record<T>(row, c);
-    const int j = static_cast<int>(c & 3);
-    if (j == 0) {
-      const __m256 d = _mm256_set1_ps(h2f(r + 128)), dmin = _mm256_set1_ps(h2f(r + 130));
-      const __m256 s8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(load64(r + 132)))));
-      const __m256 m8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(load64(r + 140)))));
-      sc.sb0 = _mm256_mul_ps(d, s8);
-      sc.mb = _mm256_xor_ps(_mm256_mul_ps(dmin, m8), _mm256_set1_ps(-0.0f));  // -(dmin * m)
+void dequant_row(const uint8_t* panel, int j, int64_t K, float* out) {
+  for (int64_t b = 0; b < K / 32; ++b) {
+    for (int e = 0; e < 32; ++e) {
+      const int k = e / 4, t = 4 * j + e % 4;  // register k, byte t
+      float v = 0.0f;
+      if constexpr (T == T_Q8_0) {
+        const uint8_t* p = panel + b * 544;
+        v = h2f(p + 2 * j) * static_cast<float>(static_cast<int>(p[32 + 64 * k + t]) - 128);
+      } else if constexpr (T == T_Q4_0 || T == T_Q4_1 || T == T_Q5_0) {
+        const uint8_t* p = panel + b * unit_bytes(T);
+        const uint8_t* nib = p + (T == T_Q4_1 ? 64 : 32);
+        int u = (nib[64 * (k % 4) + t] >> (4 * (k / 4))) & 15;
+        if constexpr (T == T_Q5_0) u += 16 * static_cast<int>((load64(p + 288 + 8 * k) >> t) & 1);
+        const float d = h2f(p + 2 * j);
+        if constexpr (T == T_Q4_1) v = d * static_cast<float>(u) + h2f(p + 32 + 2 * j);
+        else v = d * static_cast<float>(u - value_offset(T));
+      } else if constexpr (T == T_Q4_K) {
+        const uint8_t* sp = panel + (b / 8) * 2368;
+        const int s = static_cast<int>(b % 8);
+        const int u = (sp[320 + 256 * s + 64 * (k % 4) + t] >> (4 * (k / 4))) & 15;
+        const float sc = h2f(sp + 2 * j) * static_cast<float>(sp[64 + 16 * s + j]);
+        const float mn = h2f(sp + 32 + 2 * j) * static_cast<float>(sp[192 + 16 * s + j]);
+        v = sc * static_cast<float>(u) - mn;
+      } else if constexpr (T == T_Q6_K) {
+        const uint8_t* sp = panel + (b / 8) * 3360;
+        const int jb = static_cast<int>(b % 8);
+        const uint8_t* base = sp + 288 + 384 * jb;
+        const int lo = (base[64 * (k % 4) + t] >> (4 * (k / 4))) & 15;
+        const int hi = (base[256 + 64 * (k / 4) + t] >> (2 * (k % 4))) & 3;
+        const int sub = 2 * jb + e / 16;
+        const float sc = h2f(sp + 2 * j) * static_cast<float>(static_cast<int8_t>(sp[32 + 16 * sub + j]));
+        v = sc * static_cast<float>((lo | (hi << 4)) - 32);
+      }
+      out[b * 32 + e] = v;
     }
-    // lane l: sub-block 2j + l % 2
-    const __m256i idx = _mm256_setr_epi32(2 * j, 2 * j + 1, 2 * j, 2 * j + 1, 2 * j, 2 * j + 1, 2 * j, 2 * j + 1);
-    sc.s_lo = sc.s_hi = _mm256_permutevar8x32_ps(sc.sb0, idx);
-    sc.m_lo = sc.m_hi = _mm256_permutevar8x32_ps(sc.mb, idx);
-  } else if constexpr (T == T_Q6_K) {
-    const uint8_t* r = record<T>(row, c);
-    const int j = static_cast<int>(c & 3);
-    if (j == 0) {
-      const __m256 d = _mm256_set1_ps(h2f(r + 208));
-      sc.sb0 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(load64(r + 192))))));
-      sc.sb1 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(load64(r + 200))))));
-    }
-    // lane l covers weights 32 (l % 2) + 4 (l / 2) ..: 16-weight scale 4j + 2 (l % 2) + (l >= 8)
-    const __m256 src = j < 2 ? sc.sb0 : sc.sb1;
-    const int b = (j & 1) * 4;
-    sc.s_lo = _mm256_permutevar8x32_ps(src, _mm256_setr_epi32(b, b + 2, b, b + 2, b, b + 2, b, b + 2));
-    sc.s_hi = _mm256_permutevar8x32_ps(src, _mm256_setr_epi32(b + 1, b + 3, b + 1, b + 3, b + 1, b + 3, b + 1, b + 3));
   }
 }
-
-constexpr bool has_mins(int t) { return t == T_Q4_1 || t == T_Q4_K; }
 
 #if MTP_AVX512
 // ---------------------------------------------------------------------------
-// AVX-512 + VNNI: one 64-weight chunk is one zmm of bytes; vpdpbusd does
-// 64 u8 x s8 products into 16 int32 lanes, starting from -offset * lane sums.
+// AVX-512 + VNNI: a decoded block is 8 zmm (16 rows x 32 weights); one row of x
+// costs 8 vpdpbusd (activations as embedded broadcasts), a conversion, a scale
+// product and an FMA per block for all 16 outputs.
 // ---------------------------------------------------------------------------
-inline __m512i nibbles(const uint8_t* p) {
-  const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  const __m512i sh = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);  // low half 0, high half 4
-  return _mm512_and_si512(_mm512_srlv_epi16(v, sh), _mm512_set1_epi8(0x0F));
+struct Block {
+  __m512i w[8];
+  __m512 s0, s1, m;  // scales (s1: Q6_K's second 16 weights), mins
+};
+
+inline __m512 f16x16(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512 u8x16(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 i8x16(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// 256 bytes of nibbles -> 8 registers (byte t of load L: register L low, L + 4 high)
+inline void nibbles(const uint8_t* p, __m512i* w) {
+  const __m512i m = _mm512_set1_epi8(0x0F);
+  for (int L = 0; L < 4; ++L) {
+    const __m512i v = _mm512_loadu_si512(p + 64 * L);
+    w[L] = _mm512_and_si512(v, m);
+    w[L + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m);
+  }
 }
 
 template <int T>
-inline __m512i chunk_bytes(const uint8_t* row, int64_t c) {
-  if constexpr (T == T_Q8_0) return _mm512_loadu_si512(record<T>(row, c));
-  if constexpr (T == T_Q4_0) return nibbles(record<T>(row, c));
-  if constexpr (T == T_Q4_1) return nibbles(record<T>(row, c));
-  if constexpr (T == T_Q5_0) {
-    const uint8_t* r = record<T>(row, c);
-    const __m512i v = nibbles(r);
-    return _mm512_mask_add_epi8(v, static_cast<__mmask64>(load64(r + 32)), v, _mm512_set1_epi8(16));
-  }
-  if constexpr (T == T_Q4_K) return nibbles(record<T>(row, c) + (c & 3) * 32);
-  if constexpr (T == T_Q6_K) {
-    const uint8_t* r = record<T>(row, c);
-    const __m512i lo = nibbles(r + (c & 3) * 32);
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 128 + (c & 3) * 16));
-    constexpr int64_t one = 0x0001000100010001LL;
-    __m512i hb = _mm512_srlv_epi16(_mm512_broadcast_i32x4(h),
-                                   _mm512_set_epi64(6 * one, 6 * one, 4 * one, 4 * one, 2 * one, 2 * one, 0, 0));
-    hb = _mm512_slli_epi16(_mm512_and_si512(hb, _mm512_set1_epi8(3)), 4);
-    return _mm512_or_si512(lo, hb);
+inline void decode(const uint8_t* panel, int64_t b, Block& o) {
+  if constexpr (T == T_Q8_0) {
+    const uint8_t* p = panel + b * 544;
+    o.s0 = f16x16(p);
+    for (int k = 0; k < 8; ++k) o.w[k] = _mm512_loadu_si512(p + 32 + 64 * k);
+  } else if constexpr (T == T_Q4_0 || T == T_Q4_1) {
+    const uint8_t* p = panel + b * unit_bytes(T);
+    o.s0 = f16x16(p);
+    if constexpr (T == T_Q4_1) o.m = f16x16(p + 32);
+    nibbles(p + (T == T_Q4_1 ? 64 : 32), o.w);
+  } else if constexpr (T == T_Q5_0) {
+    const uint8_t* p = panel + b * 352;
+    o.s0 = f16x16(p);
+    nibbles(p + 32, o.w);
+    const __m512i k16 = _mm512_set1_epi8(16);
+    for (int k = 0; k < 8; ++k) o.w[k] = _mm512_mask_add_epi8(o.w[k], load64(p + 288 + 8 * k), o.w[k], k16);
+  } else if constexpr (T == T_Q4_K) {
+    const uint8_t* sp = panel + (b >> 3) * 2368;
+    const int s = static_cast<int>(b & 7);
+    o.s0 = _mm512_mul_ps(f16x16(sp), u8x16(sp + 64 + 16 * s));
+    o.m = _mm512_mul_ps(f16x16(sp + 32), u8x16(sp + 192 + 16 * s));
+    nibbles(sp + 320 + 256 * s, o.w);
+  } else if constexpr (T == T_Q6_K) {
+    const uint8_t* sp = panel + (b >> 3) * 3360;
+    const int jb = static_cast<int>(b & 7);
+    const __m512 d = f16x16(sp);
+    o.s0 = _mm512_mul_ps(d, i8x16(sp + 32 + 16 * (2 * jb)));
+    o.s1 = _mm512_mul_ps(d, i8x16(sp + 32 + 16 * (2 * jb + 1)));
+    const uint8_t* base = sp + 288 + 384 * jb;
+    nibbles(base, o.w);
+    const __m512i m30 = _mm512_set1_epi8(0x30);
+    for (int H = 0; H < 2; ++H) {  // bits 2c, 2c + 1 of byte t: high bits of register 4H + c
+      const __m512i h = _mm512_loadu_si512(base + 256 + 64 * H);
+      const __m512i sh[4] = {_mm512_slli_epi16(h, 4), _mm512_slli_epi16(h, 2), h, _mm512_srli_epi16(h, 2)};
+      for (int c = 0; c < 4; ++c) o.w[4 * H + c] = _mm512_ternarylogic_epi32(o.w[4 * H + c], sh[c], m30, 0xF8);
+    }
   }
 }
 
-// (a, b) -> a, b, a, b, ... (one broadcast load)
-inline __m512 pair512(const float* p) {
-  double v;
-  std::memcpy(&v, p, 8);
-  return _mm512_castpd_ps(_mm512_set1_pd(v));
-}
-
-inline __m512 join(__m256 lo, __m256 hi) { return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1); }
+// acc += w (u8) . 4 activations of x broadcast to every lane
+inline __m512i dpb(__m512i acc, __m512i w, const int8_t* p) { return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(load32(p))); }
 
 template <int T, int G>
-inline void row_group(const uint8_t* row, const XQ& a, const int32_t* init, int64_t n0, float* y, int64_t ldy) {
-  constexpr bool mins = has_mins(T);
-  const int64_t nc = a.nc, K = a.K;
+inline void panel_rows(const uint8_t* panel, const XQ& a, const int32_t* init, int64_t n0, float* y, int64_t ldy,
+                       int64_t pf) {
+  const int64_t K = a.K, nb = a.nb;
   const int8_t* xq = a.q.data() + n0 * K;
-  const float* dl = a.dl.data() + n0 * nc * 2;
-  const float* cl = a.cl.data() + n0 * nc * 2;
-  const int32_t* in = init ? init + n0 * (K / 4) : nullptr;
+  const float* dl = a.d.data() + n0 * nb;
+  const float* cs = a.cs.data() + n0 * nb;
+  constexpr int64_t ipr = T == T_Q6_K ? 2 : 1;  // offset sums per block
+  const int32_t* in = init + n0 * nb * ipr;
   __m512 acc[G];
   for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
-  Scales sc;
-  // Several rows with an offset: the weights become the signed operand (q - offset)
-  // and the activations the unsigned one (x + 128); sum(w x) = dpbusd(x + 128, w) -
-  // 128 sum(w), a correction per weight chunk shared by the rows (no per-row loads).
-  constexpr bool flip = G > 1 && lane_offset(T) != 0;
-  const uint8_t* xu = flip ? a.qu.data() + n0 * K : nullptr;
-  const __m512i k80 = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t c = 0; c < nc; ++c) {
-    __m512i u = chunk_bytes<T>(row, c);
-    __m512i corr = _mm512_setzero_si512();
-    if constexpr (flip) {
-      u = _mm512_sub_epi8(u, _mm512_set1_epi8(static_cast<char>(lane_offset(T))));
-      corr = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), k80, u));
+  Block wb;
+  for (int64_t b = 0; b < nb; ++b) {
+    if (pf > 0 && (unit_elems(T) == 32 || (b & 7) == 0)) {
+      const uint8_t* u = panel + (b * 32 / unit_elems(T)) * unit_bytes(T) + pf;
+      for (int64_t l = 0; l < unit_bytes(T); l += 64) _mm_prefetch(reinterpret_cast<const char*>(u + l), _MM_HINT_T0);
     }
-    chunk_scales<T>(row, c, sc);
-    const __m512 ws = join(sc.s_lo, sc.s_hi);
-    __m512 wm = _mm512_setzero_ps();
-    if constexpr (mins) wm = join(sc.m_lo, sc.m_hi);
+    decode<T>(panel, b, wb);
+#pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
-      __m512i li;
-      if constexpr (flip) {
-        li = _mm512_dpbusd_epi32(corr, _mm512_loadu_si512(xu + g * K + c * 64), u);
+      const int8_t* xb = xq + g * K + b * 32;
+      const __m512 dg = _mm512_set1_ps(dl[g * nb + b]);
+      if constexpr (T == T_Q6_K) {
+#pragma GCC unroll 2
+        for (int H = 0; H < 2; ++H) {
+          __m512i li = _mm512_set1_epi32(in[(g * nb + b) * 2 + H]);
+#pragma GCC unroll 4
+          for (int c = 0; c < 4; ++c) li = dpb(li, wb.w[4 * H + c], xb + 16 * H + 4 * c);
+          acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(li), _mm512_mul_ps(H ? wb.s1 : wb.s0, dg), acc[g]);
+        }
       } else {
-        li = in ? _mm512_loadu_si512(in + g * (K / 4) + c * 16) : _mm512_setzero_si512();
-        li = _mm512_dpbusd_epi32(li, u, _mm512_loadu_si512(xq + g * K + c * 64));
+        // two dependency chains when few rows hide the dot-product latency (integer sums: same result)
+        __m512i li = _mm512_set1_epi32(in[g * nb + b]), l2 = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; ++k) {
+          if (G <= 2 && (k & 1)) l2 = dpb(l2, wb.w[k], xb + 4 * k);
+          else li = dpb(li, wb.w[k], xb + 4 * k);
+        }
+        if constexpr (G <= 2) li = _mm512_add_epi32(li, l2);
+        acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(li), _mm512_mul_ps(wb.s0, dg), acc[g]);
+        if constexpr (T == T_Q4_1) acc[g] = _mm512_fmadd_ps(wb.m, _mm512_set1_ps(cs[g * nb + b]), acc[g]);
+        if constexpr (T == T_Q4_K) acc[g] = _mm512_fnmadd_ps(wb.m, _mm512_set1_ps(cs[g * nb + b]), acc[g]);
       }
-      const __m512 s = _mm512_mul_ps(ws, pair512(dl + (g * nc + c) * 2));
-      acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(li), s, acc[g]);
-      if constexpr (mins) acc[g] = _mm512_fmadd_ps(wm, pair512(cl + (g * nc + c) * 2), acc[g]);
     }
   }
-  for (int g = 0; g < G; ++g) {
-    const __m256 lo = _mm512_castps512_ps256(acc[g]);
-    const __m256 hi = _mm512_extractf32x8_ps(acc[g], 1);
-    y[g * ldy] = hsum8(_mm256_add_ps(lo, hi));
-  }
-}
-
-// the 64 decoded values of a chunk in chunk order (q - offset, for qrows)
-template <int T>
-inline void chunk_values(const uint8_t* row, int64_t c, int* q) {
-  uint8_t u[64];
-  _mm512_storeu_si512(u, chunk_bytes<T>(row, c));
-  for (int e = 0; e < 64; ++e) q[e] = static_cast<int>(u[e]) - lane_offset(T);
+  for (int g = 0; g < G; ++g) _mm512_storeu_ps(y + g * ldy, acc[g]);
 }
 constexpr int kGroup = 8;
 #else
 // ---------------------------------------------------------------------------
-// AVX2: the 16 lanes as two ymm halves; u8 x s8 products via maddubs (no
-// saturation: 4-6 bit weights are < 64, and Q8_0 uses |w| * sign(x, w)).
+// AVX2: the panel as two halves of 8 rows; u8 x s8 products via maddubs (no
+// saturation: 4-6 bit values are < 64, and Q8_0 uses |w| * sign(x, w)).
+// Same integer sums and float sequence per output as the AVX-512 build.
 // ---------------------------------------------------------------------------
-inline void nibbles(const uint8_t* p, __m256i& lo, __m256i& hi) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+struct Block {
+  __m256i w[8];
+  __m256 s0, s1, m;
+};
+
+inline __m256 f16x8(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 u8x8(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m256 i8x8(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// half h (bytes 32h..32h+31 of each 64-byte register)
+inline void nibbles(const uint8_t* p, int h, __m256i* w) {
   const __m256i m = _mm256_set1_epi8(0x0F);
-  lo = _mm256_and_si256(v, m);
-  hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+  for (int L = 0; L < 4; ++L) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * L + 32 * h));
+    w[L] = _mm256_and_si256(v, m);
+    w[L + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+  }
 }
 
 // 32 bits -> 32 bytes of 0x10 where the bit is set
@@ -324,161 +355,127 @@ inline __m256i bits_to_16(uint32_t bits) {
   return _mm256_and_si256(v, _mm256_set1_epi8(16));
 }
 
-// (lo, hi) halves of a chunk's bytes; for Q8_0 the signed weights
 template <int T>
-inline void chunk_bytes(const uint8_t* row, int64_t c, __m256i& lo, __m256i& hi) {
+inline void decode(const uint8_t* panel, int64_t b, int h, Block& o) {
   if constexpr (T == T_Q8_0) {
-    const uint8_t* r = record<T>(row, c);
+    const uint8_t* p = panel + b * 544;
+    o.s0 = f16x8(p + 16 * h);
     const __m256i k80 = _mm256_set1_epi8(static_cast<char>(0x80));
-    lo = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r)), k80);
-    hi = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 32)), k80);
-  } else if constexpr (T == T_Q4_0) {
-    nibbles(record<T>(row, c), lo, hi);
-  } else if constexpr (T == T_Q4_1) {
-    nibbles(record<T>(row, c), lo, hi);
+    for (int k = 0; k < 8; ++k)  // signed weights
+      o.w[k] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 + 64 * k + 32 * h)), k80);
+  } else if constexpr (T == T_Q4_0 || T == T_Q4_1) {
+    const uint8_t* p = panel + b * unit_bytes(T);
+    o.s0 = f16x8(p + 16 * h);
+    if constexpr (T == T_Q4_1) o.m = f16x8(p + 32 + 16 * h);
+    nibbles(p + (T == T_Q4_1 ? 64 : 32), h, o.w);
   } else if constexpr (T == T_Q5_0) {
-    const uint8_t* r = record<T>(row, c);
-    const uint64_t bits = load64(r + 32);
-    nibbles(r, lo, hi);
-    lo = _mm256_or_si256(lo, bits_to_16(static_cast<uint32_t>(bits)));
-    hi = _mm256_or_si256(hi, bits_to_16(static_cast<uint32_t>(bits >> 32)));
+    const uint8_t* p = panel + b * 352;
+    o.s0 = f16x8(p + 16 * h);
+    nibbles(p + 32, h, o.w);
+    for (int k = 0; k < 8; ++k)
+      o.w[k] = _mm256_or_si256(o.w[k], bits_to_16(static_cast<uint32_t>(load64(p + 288 + 8 * k) >> (32 * h))));
   } else if constexpr (T == T_Q4_K) {
-    nibbles(record<T>(row, c) + (c & 3) * 32, lo, hi);
+    const uint8_t* sp = panel + (b >> 3) * 2368;
+    const int s = static_cast<int>(b & 7);
+    o.s0 = _mm256_mul_ps(f16x8(sp + 16 * h), u8x8(sp + 64 + 16 * s + 8 * h));
+    o.m = _mm256_mul_ps(f16x8(sp + 32 + 16 * h), u8x8(sp + 192 + 16 * s + 8 * h));
+    nibbles(sp + 320 + 256 * s, h, o.w);
   } else if constexpr (T == T_Q6_K) {
-    const uint8_t* r = record<T>(row, c);
-    nibbles(r + (c & 3) * 32, lo, hi);
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 128 + (c & 3) * 16));
-    const __m128i m3 = _mm_set1_epi8(3);
-    const __m128i h0 = _mm_and_si128(h, m3), h1 = _mm_and_si128(_mm_srli_epi16(h, 2), m3);
-    const __m128i h2 = _mm_and_si128(_mm_srli_epi16(h, 4), m3), h3 = _mm_and_si128(_mm_srli_epi16(h, 6), m3);
-    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_set_m128i(h1, h0), 4));
-    hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_set_m128i(h3, h2), 4));
+    const uint8_t* sp = panel + (b >> 3) * 3360;
+    const int jb = static_cast<int>(b & 7);
+    const __m256 d = f16x8(sp + 16 * h);
+    o.s0 = _mm256_mul_ps(d, i8x8(sp + 32 + 16 * (2 * jb) + 8 * h));
+    o.s1 = _mm256_mul_ps(d, i8x8(sp + 32 + 16 * (2 * jb + 1) + 8 * h));
+    const uint8_t* base = sp + 288 + 384 * jb;
+    nibbles(base, h, o.w);
+    const __m256i m30 = _mm256_set1_epi8(0x30);
+    for (int H = 0; H < 2; ++H) {
+      const __m256i hv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + 256 + 64 * H + 32 * h));
+      const __m256i sh[4] = {_mm256_slli_epi16(hv, 4), _mm256_slli_epi16(hv, 2), hv, _mm256_srli_epi16(hv, 2)};
+      for (int c = 0; c < 4; ++c) o.w[4 * H + c] = _mm256_or_si256(o.w[4 * H + c], _mm256_and_si256(sh[c], m30));
+    }
   }
-}
-
-// (a, b) -> a, b, a, b, ... (one broadcast load)
-inline __m256 pair256(const float* p) {
-  double v;
-  std::memcpy(&v, p, 8);
-  return _mm256_castpd_ps(_mm256_set1_pd(v));
 }
 
 template <bool SIGNED>
-inline __m256i dot4(__m256i init, __m256i u, __m256i x) {
-  const __m256i ones = _mm256_set1_epi16(1);
+inline __m256i dot4(__m256i acc, __m256i w, const int8_t* x) {
+  const __m256i xv = _mm256_set1_epi32(load32(x));
   __m256i p;
-  if constexpr (SIGNED) p = _mm256_maddubs_epi16(_mm256_sign_epi8(u, u), _mm256_sign_epi8(x, u));
-  else p = _mm256_maddubs_epi16(u, x);
-  return _mm256_add_epi32(init, _mm256_madd_epi16(p, ones));
+  if constexpr (SIGNED) p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
+  else p = _mm256_maddubs_epi16(w, xv);
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
 
 template <int T, int G>
-inline void row_group(const uint8_t* row, const XQ& a, const int32_t* init, int64_t n0, float* y, int64_t ldy) {
-  constexpr bool mins = has_mins(T), sgn = T == T_Q8_0;
-  const int64_t nc = a.nc, K = a.K;
+inline void panel_rows(const uint8_t* panel, const XQ& a, const int32_t* init, int64_t n0, float* y, int64_t ldy,
+                       int64_t pf) {
+  constexpr bool sgn = T == T_Q8_0;
+  const int64_t K = a.K, nb = a.nb;
   const int8_t* xq = a.q.data() + n0 * K;
-  const float* dl = a.dl.data() + n0 * nc * 2;
-  const float* cl = a.cl.data() + n0 * nc * 2;
-  const int32_t* in = init ? init + n0 * (K / 4) : nullptr;
-  __m256 lo_acc[G], hi_acc[G];
-  for (int g = 0; g < G; ++g) lo_acc[g] = hi_acc[g] = _mm256_setzero_ps();
-  Scales sc;
-  const __m256i z = _mm256_setzero_si256();
-  for (int64_t c = 0; c < nc; ++c) {
-    __m256i ulo, uhi;
-    chunk_bytes<T>(row, c, ulo, uhi);
-    chunk_scales<T>(row, c, sc);
-    for (int g = 0; g < G; ++g) {
-      const int8_t* xg = xq + g * K + c * 64;
-      const int32_t* ig = in ? in + g * (K / 4) + c * 16 : nullptr;
-      const __m256i llo = dot4<sgn>(ig ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ig)) : z, ulo,
-                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg)));
-      const __m256i lhi = dot4<sgn>(ig ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ig + 8)) : z, uhi,
-                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 32)));
-      const __m256 d = pair256(dl + (g * nc + c) * 2);
-      lo_acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(llo), _mm256_mul_ps(sc.s_lo, d), lo_acc[g]);
-      hi_acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lhi), _mm256_mul_ps(sc.s_hi, d), hi_acc[g]);
-      if constexpr (mins) {
-        const __m256 cg = pair256(cl + (g * nc + c) * 2);
-        lo_acc[g] = _mm256_fmadd_ps(sc.m_lo, cg, lo_acc[g]);
-        hi_acc[g] = _mm256_fmadd_ps(sc.m_hi, cg, hi_acc[g]);
+  const float* dl = a.d.data() + n0 * nb;
+  const float* cs = a.cs.data() + n0 * nb;
+  constexpr int64_t ipr = T == T_Q6_K ? 2 : 1;
+  const int32_t* in = init + n0 * nb * ipr;
+  for (int h = 0; h < 2; ++h) {
+    __m256 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+    Block wb;
+    for (int64_t b = 0; b < nb; ++b) {
+      if (h == 0 && pf > 0 && (unit_elems(T) == 32 || (b & 7) == 0)) {
+        const uint8_t* u = panel + (b * 32 / unit_elems(T)) * unit_bytes(T) + pf;
+        for (int64_t l = 0; l < unit_bytes(T); l += 64) _mm_prefetch(reinterpret_cast<const char*>(u + l), _MM_HINT_T0);
+      }
+      decode<T>(panel, b, h, wb);
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) {
+        const int8_t* xb = xq + g * K + b * 32;
+        const __m256 dg = _mm256_set1_ps(dl[g * nb + b]);
+        if constexpr (T == T_Q6_K) {
+#pragma GCC unroll 2
+          for (int H = 0; H < 2; ++H) {
+            __m256i li = _mm256_set1_epi32(in[(g * nb + b) * 2 + H]);
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; ++c) li = dot4<false>(li, wb.w[4 * H + c], xb + 16 * H + 4 * c);
+            acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(li), _mm256_mul_ps(H ? wb.s1 : wb.s0, dg), acc[g]);
+          }
+        } else {
+          __m256i li = _mm256_set1_epi32(in[g * nb + b]);
+#pragma GCC unroll 8
+          for (int k = 0; k < 8; ++k) li = dot4<sgn>(li, wb.w[k], xb + 4 * k);
+          acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(li), _mm256_mul_ps(wb.s0, dg), acc[g]);
+          if constexpr (T == T_Q4_1) acc[g] = _mm256_fmadd_ps(wb.m, _mm256_set1_ps(cs[g * nb + b]), acc[g]);
+          if constexpr (T == T_Q4_K) acc[g] = _mm256_fnmadd_ps(wb.m, _mm256_set1_ps(cs[g * nb + b]), acc[g]);
+        }
       }
     }
+    for (int g = 0; g < G; ++g) _mm256_storeu_ps(y + g * ldy + 8 * h, acc[g]);
   }
-  for (int g = 0; g < G; ++g) y[g * ldy] = hsum8(_mm256_add_ps(lo_acc[g], hi_acc[g]));
-}
-
-template <int T>
-inline void chunk_values(const uint8_t* row, int64_t c, int* q) {
-  __m256i lo, hi;
-  uint8_t u[64];
-  chunk_bytes<T>(row, c, lo, hi);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(u), lo);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(u + 32), hi);
-  for (int e = 0; e < 64; ++e)
-    q[e] = T == T_Q8_0 ? static_cast<int>(static_cast<int8_t>(u[e])) : static_cast<int>(u[e]) - lane_offset(T);
 }
 constexpr int kGroup = 4;
 #endif
 
-// software prefetch distances in bytes, into L1 and into L2 (speed only; prefetches never fault)
-int64_t g_pf_bytes = 4096, g_pf2_bytes = 0;
+// software prefetch distance in bytes into L1 (speed only; prefetches never fault)
+int64_t g_pf_bytes = 4096;
 
-// weight rows o0..o1 of one part against all x rows: each group of x rows stays
-// in L1 while it passes over the rows (grouping changes nothing per output)
-template <int T, int G>
-inline void rows_group(const uint8_t* w, int64_t rb, int64_t o0, int64_t o1, const XQ& a, const int32_t* init,
-                       int64_t n0, float* y, int64_t ldy) {
-  const int64_t pf = g_pf_bytes, pf2 = g_pf2_bytes;
-  for (int64_t o = o0; o < o1; ++o) {
-    if (n0 == 0) {  // the first pass streams the rows from memory: fetch ahead
-      if (pf > 0)
-        for (int64_t l = 0; l < rb; l += 64) _mm_prefetch(reinterpret_cast<const char*>(w + o * rb + pf + l), _MM_HINT_T0);
-      if (pf2 > 0)
-        for (int64_t l = 0; l < rb; l += 64) _mm_prefetch(reinterpret_cast<const char*>(w + o * rb + pf2 + l), _MM_HINT_T1);
-    }
-    row_group<T, G>(w + o * rb, a, init, n0, y + n0 * ldy + o, ldy);
-  }
-}
-
+// one panel against all x rows, in groups of rows (grouping changes nothing per output)
 template <int T>
-void rows_all(const uint8_t* w, int64_t rb, int64_t o0, int64_t o1, const XQ& a, const int32_t* init, float* y,
-              int64_t ldy) {
+void panel_all(const uint8_t* panel, const XQ& a, const int32_t* init, float* y, int64_t ldy) {
   int64_t n = 0;
-  for (; n + kGroup <= a.N; n += kGroup) rows_group<T, kGroup>(w, rb, o0, o1, a, init, n, y, ldy);
+  const int64_t pf = g_pf_bytes;
+  for (; n + kGroup <= a.N; n += kGroup) panel_rows<T, kGroup>(panel, a, init, n, y + n * ldy, ldy, n ? 0 : pf);
+  float* yn = y + n * ldy;
+  const int64_t p = n ? 0 : pf;
   switch (a.N - n) {
 #if MTP_AVX512
-    case 7: rows_group<T, 7>(w, rb, o0, o1, a, init, n, y, ldy); break;
-    case 6: rows_group<T, 6>(w, rb, o0, o1, a, init, n, y, ldy); break;
-    case 5: rows_group<T, 5>(w, rb, o0, o1, a, init, n, y, ldy); break;
-    case 4: rows_group<T, 4>(w, rb, o0, o1, a, init, n, y, ldy); break;
+    case 7: panel_rows<T, 7>(panel, a, init, n, yn, ldy, p); break;
+    case 6: panel_rows<T, 6>(panel, a, init, n, yn, ldy, p); break;
+    case 5: panel_rows<T, 5>(panel, a, init, n, yn, ldy, p); break;
+    case 4: panel_rows<T, 4>(panel, a, init, n, yn, ldy, p); break;
 #endif
-    case 3: rows_group<T, 3>(w, rb, o0, o1, a, init, n, y, ldy); break;
-    case 2: rows_group<T, 2>(w, rb, o0, o1, a, init, n, y, ldy); break;
-    case 1: rows_group<T, 1>(w, rb, o0, o1, a, init, n, y, ldy); break;
+    case 3: panel_rows<T, 3>(panel, a, init, n, yn, ldy, p); break;
+    case 2: panel_rows<T, 2>(panel, a, init, n, yn, ldy, p); break;
+    case 1: panel_rows<T, 1>(panel, a, init, n, yn, ldy, p); break;
     default: break;
-  }
-}
-
-// exact fp32 weights of one row
-template <int T>
-void dequant_row(const uint8_t* row, int64_t K, float* out) {
-  Scales sc;
-  alignas(32) float s[16], m[16] = {0};
-  int q[64];
-  for (int64_t c = 0; c < K / 64; ++c) {
-    chunk_scales<T>(row, c, sc);
-    _mm256_storeu_ps(s, sc.s_lo);
-    _mm256_storeu_ps(s + 8, sc.s_hi);
-    if constexpr (has_mins(T)) {
-      _mm256_storeu_ps(m, sc.m_lo);
-      _mm256_storeu_ps(m + 8, sc.m_hi);
-    }
-    chunk_values<T>(row, c, q);
-    for (int p = 0; p < 64; ++p) {
-      const float v = s[p / 4] * static_cast<float>(q[p]);
-      out[c * 64 + chunk_elem(p)] = has_mins(T) ? v + m[p / 4] : v;
-    }
   }
 }
 
@@ -497,29 +494,29 @@ inline void dispatch(int t, const F& f) {
 }
 
 void check_part(const torch::Tensor& w, int64_t t, int64_t K) {
-  TORCH_CHECK(rec_bytes(static_cast<int>(t)) > 0, "unsupported quantized weight type ", t);
+  const int ti = static_cast<int>(t);
+  TORCH_CHECK(unit_bytes(ti) > 0, "unsupported quantized weight type ", t);
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
-              "quantized weight must be a contiguous uint8 [O, row_bytes] tensor");
-  TORCH_CHECK(K % rec_elems(static_cast<int>(t)) == 0, "quantized weight: K=", K, " is not a multiple of ",
-              rec_elems(static_cast<int>(t)));
-  TORCH_CHECK(w.size(1) == K / rec_elems(static_cast<int>(t)) * rec_bytes(static_cast<int>(t)),
-              "quantized weight: row bytes ", w.size(1), " do not match K=", K);
+              "quantized weight must be a contiguous uint8 [O/16, panel_bytes] tensor");
+  TORCH_CHECK(K % unit_elems(ti) == 0, "quantized weight: K=", K, " is not a multiple of ", unit_elems(ti));
+  TORCH_CHECK(w.size(1) == K / unit_elems(ti) * unit_bytes(ti), "quantized weight: panel bytes ", w.size(1),
+              " do not match K=", K);
 }
 
 }  // namespace
 
 // y = x @ W.T for W the row concatenation of quantized parts (one type each).
-// x: [..., K] float32 (K a multiple of 64) -> [..., sum O_p] float32.
+// x: [..., K] float32 (K a multiple of 32) -> [..., sum O_p] float32.
 torch::Tensor qlinear(torch::Tensor x, std::vector<torch::Tensor> parts, std::vector<int64_t> types) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1, "qlinear: x must be float32 [..., K]");
   TORCH_CHECK(parts.size() == types.size() && !parts.empty(), "qlinear: one type per part");
   x = x.contiguous();
   const int64_t K = x.size(-1), N = K ? x.numel() / K : 0;
-  TORCH_CHECK(K % 64 == 0, "qlinear: K must be a multiple of 64, got ", K);
+  TORCH_CHECK(K % 32 == 0, "qlinear: K must be a multiple of 32, got ", K);
   int64_t O = 0;
   for (size_t p = 0; p < parts.size(); ++p) {
     check_part(parts[p], types[p], K);
-    O += parts[p].size(0);
+    O += parts[p].size(0) * kPanel;
   }
   auto sizes = x.sizes().vec();
   sizes.back() = O;
@@ -527,37 +524,40 @@ torch::Tensor qlinear(torch::Tensor x, std::vector<torch::Tensor> parts, std::ve
   if (N == 0 || O == 0) return y;
   XQ a;
   quantize_x(x.data_ptr<float>(), N, K, a);
-  // lane offsets: init = -off * (sum of the lane's 4 activations)
+  // offsets: a block sum starts at -off * sum(x) (per 16 weights for Q6_K; zeros without offset)
   std::vector<std::vector<int32_t>> inits(parts.size());
-  std::vector<const int32_t*> initp(parts.size(), nullptr);
   for (size_t p = 0; p < parts.size(); ++p) {
-    const int off = lane_offset(static_cast<int>(types[p]));
-    if (!off) continue;
-    inits[p].resize(a.ls.size());
-    for (size_t i = 0; i < a.ls.size(); ++i) inits[p][i] = -off * a.ls[i];
-    initp[p] = inits[p].data();
+    const int t = static_cast<int>(types[p]), off = block_offset(t);
+    auto& v = inits[p];
+    if (t == T_Q6_K) {
+      v.resize(a.s16.size());
+      for (size_t i = 0; i < v.size(); ++i) v[i] = -off * a.s16[i];
+    } else {
+      v.resize(a.s16.size() / 2);
+      for (size_t i = 0; i < v.size(); ++i) v[i] = -off * (a.s16[2 * i] + a.s16[2 * i + 1]);
+    }
   }
-  // tasks: blocks of 16 output rows over all parts
-  constexpr int64_t kRows = 16;
-  std::vector<int64_t> part_of, start;
+  // tasks: panels over all parts
+  std::vector<int64_t> part_of, panel_of, col0;
   int64_t col = 0;
-  std::vector<int64_t> col0(parts.size());
   for (size_t p = 0; p < parts.size(); ++p) {
-    col0[p] = col;
-    for (int64_t o = 0; o < parts[p].size(0); o += kRows) part_of.push_back(static_cast<int64_t>(p)), start.push_back(o);
-    col += parts[p].size(0);
+    for (int64_t q = 0; q < parts[p].size(0); ++q) {
+      part_of.push_back(static_cast<int64_t>(p));
+      panel_of.push_back(q);
+      col0.push_back(col + q * kPanel);
+    }
+    col += parts[p].size(0) * kPanel;
   }
-  const int64_t bytes_per_task = kRows * parts[0].size(1) * std::max<int64_t>(N, 1);
+  const int64_t bytes_per_task = parts[0].size(1) * std::max<int64_t>(N, 1);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(bytes_per_task, 1));
   float* yd = y.data_ptr<float>();
   at::parallel_for(0, static_cast<int64_t>(part_of.size()), grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t p = part_of[b];
-      const int t = static_cast<int>(types[p]);
       const auto& w = parts[p];
-      const int64_t rb = w.size(1), o1 = std::min<int64_t>(w.size(0), start[b] + kRows);
-      const uint8_t* wd = w.data_ptr<uint8_t>();
-      dispatch(t, [&](auto T) { rows_all<decltype(T)::value>(wd, rb, start[b], o1, a, initp[p], yd + col0[p], O); });
+      const uint8_t* panel = w.data_ptr<uint8_t>() + panel_of[b] * w.size(1);
+      dispatch(static_cast<int>(types[p]),
+               [&](auto T) { panel_all<decltype(T)::value>(panel, a, inits[p].data(), yd + col0[b], O); });
     }
   });
   return y;
@@ -568,7 +568,7 @@ torch::Tensor qrows(torch::Tensor w, int64_t t, int64_t K, torch::Tensor ids) {
   check_part(w, t, K);
   TORCH_CHECK(ids.scalar_type() == at::kLong, "qrows: ids must be int64");
   ids = ids.contiguous();
-  const int64_t M = ids.numel(), O = w.size(0), rb = w.size(1);
+  const int64_t M = ids.numel(), O = w.size(0) * kPanel, pb = w.size(1);
   auto out = torch::empty({M, K}, torch::dtype(torch::kFloat32));
   const int64_t* idp = ids.data_ptr<int64_t>();
   for (int64_t i = 0; i < M; ++i)
@@ -576,9 +576,10 @@ torch::Tensor qrows(torch::Tensor w, int64_t t, int64_t K, torch::Tensor ids) {
   const uint8_t* wd = w.data_ptr<uint8_t>();
   float* od = out.data_ptr<float>();
   const int ti = static_cast<int>(t);
-  at::parallel_for(0, M, 64, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, M, 16, [&](int64_t i0, int64_t i1) {
     dispatch(ti, [&](auto T) {
-      for (int64_t i = i0; i < i1; ++i) dequant_row<decltype(T)::value>(wd + idp[i] * rb, K, od + i * K);
+      for (int64_t i = i0; i < i1; ++i)
+        dequant_row<decltype(T)::value>(wd + (idp[i] / kPanel) * pb, static_cast<int>(idp[i] % kPanel), K, od + i * K);
     });
   });
   return out;
@@ -602,15 +603,12 @@ torch::Tensor huge_copy(torch::Tensor w) {
 
 std::string isa() { return MTP_AVX512 ? "avx512-vnni" : "avx2"; }
 
-void set_prefetch(int64_t l1_bytes, int64_t l2_bytes) {
-  g_pf_bytes = l1_bytes;
-  g_pf2_bytes = l2_bytes;
-}
+void set_prefetch(int64_t l1_bytes) { g_pf_bytes = l1_bytes; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("qlinear", &qlinear, "batch-invariant y = x @ W.T over quantized row blocks");
+  m.def("qlinear", &qlinear, "batch-invariant y = x @ W.T over quantized weight panels");
   m.def("qrows", &qrows, "exact fp32 values of selected rows of a quantized weight");
   m.def("huge_copy", &huge_copy, "copy into transparent huge pages");
   m.def("isa", &isa, "instruction set this build uses");
-  m.def("_set_prefetch", &set_prefetch, "speed-only knobs: software prefetch distances into L1 and L2, bytes (0 = off)");
+  m.def("_set_prefetch", &set_prefetch, "speed-only knob: software prefetch distance into L1, bytes (0 = off)");
 }

@@ -29,7 +29,7 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.floa
 # "auto" = gguf where the directory has it, else bf16.
 from ..config import DEFAULT_WEIGHTS, WEIGHT_CHOICES as WEIGHT_FORMATS  # noqa: E402
 QUANT_FILE = "quant.safetensors"
-QUANT_FORMAT = "mtpdraft-quant-2"  # 2: chunk order (lanes alternate blocks)
+QUANT_FORMAT = "mtpdraft-quant-3"  # 3: panels of 16 rows
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -101,13 +101,14 @@ def quant_summary(path: Path) -> "tuple[str, int] | None":
 
 def quantizable(model: CausalLM) -> set[str]:
     """Names of the matrices a quantized format stores quantized: every Linear weight
-    and the embedding table whose input width is a multiple of 64."""
+    and the embedding table with rows a multiple of 16 and input width a multiple of 32."""
     from ..layers import Linear
 
     names = {n + ".weight" for n, m in model.named_modules() if isinstance(m, Linear)}
     names.add("model.embed_tokens.weight")
     params = dict(model.named_parameters())
-    return {n for n in names if n in params and params[n].ndim == 2 and params[n].shape[1] % 64 == 0}
+    return {n for n in names if n in params and params[n].ndim == 2
+            and params[n].shape[0] % 16 == 0 and params[n].shape[1] % 32 == 0}
 
 
 def _q8_0_cache(path: Path) -> Path:
