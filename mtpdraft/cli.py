@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from .config import DEFAULT_DRAFT_LEN, DEFAULT_WEIGHTS, WEIGHT_CHOICES
+from .config import DEFAULT_DRAFT_LEN, DEFAULT_SAMPLING, DEFAULT_WEIGHTS, WEIGHT_CHOICES
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -101,11 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text from a prompt")
     g.add_argument("prompt")
     _add_model_args(g)
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-new-tokens", type=int, default=DEFAULT_SAMPLING.max_new_tokens)
+    g.add_argument("--temperature", type=float, default=DEFAULT_SAMPLING.temperature)
+    g.add_argument("--top-k", type=int, default=DEFAULT_SAMPLING.top_k)
+    g.add_argument("--top-p", type=float, default=DEFAULT_SAMPLING.top_p)
+    g.add_argument("--seed", type=int, default=DEFAULT_SAMPLING.seed)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")

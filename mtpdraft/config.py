@@ -57,6 +57,10 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
+# The defaults as values (for command-line flags and function signatures).
+DEFAULT_SAMPLING = SamplingParams()
+
+
 # Weights: the GGUF file's own quantized blocks where the model came from one, else
 # bf16 (models.WEIGHT_FORMATS lists the choices).
 DEFAULT_WEIGHTS = "auto"
@@ -72,18 +76,28 @@ DEFAULT_DRAFT_LEN = 6
 @dataclass(slots=True)
 class SpecParams:
     """Draft length policy. adaptive: grow k after a fully accepted draft, shrink it
-    to what was accepted otherwise (within 1..draft_len); the MTP drafter also stops
-    a draft early when its own top probability falls below `min_confidence`."""
+    to what was accepted otherwise (within 1..draft_len). (An MTP drafter's own early
+    stop on low confidence is its MTPDraftSource's min_confidence.)"""
 
     draft_len: int = DEFAULT_DRAFT_LEN
     adaptive: bool = False
-    min_confidence: float = 0.0
 
     def __post_init__(self):
         if not 1 <= self.draft_len <= 32:
             raise ValueError(f"draft_len must be in 1..32, got {self.draft_len}")
-        if not 0 <= self.min_confidence < 1:
-            raise ValueError(f"min_confidence must be in [0, 1), got {self.min_confidence}")
+
+
+# The server (`mtpdraft serve`, serve.build_app, serve.BatchEngine). Its draft length
+# stays 4: the verification forward is shared by all rows (README).
+SERVE_HOST = "127.0.0.1"
+SERVE_PORT = 8000
+SERVE_MAX_BATCH = 8  # rows decoded together
+SERVE_MAX_CONTEXT = 2048  # prompt + generated tokens per request
+SERVE_DRAFT_LEN = 4
+SERVE_SPEC_OFF_BATCH = 4  # drafting off from this many rows (0 = never; BatchEngine's own default is 0)
+SERVE_MAX_QUEUE = 64  # requests waiting for a row before 429s
+SERVE_DEFAULT_MAX_TOKENS = 16  # /v1/completions requests that give no max_tokens
+SERVE_SHUTDOWN_TIMEOUT_S = 10.0  # seconds in-flight requests get to finish on shutdown
 
 
 @dataclass(slots=True)

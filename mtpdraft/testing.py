@@ -24,6 +24,27 @@ TINY_CONFIGS = {
         max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=2, eos_token_id=1, pad_token_id=0),
 }
 
+# Gemma 4: full layers with their own head_dim (global_head_dim) and proportional RoPE,
+# logit softcapping; "edge" adds per-layer inputs (PLE), KV sharing (the last two layers
+# read layers 0 and 1), K-as-V full layers and the double-wide MLP of shared layers;
+# "moe" adds the mixture-of-experts branch (as gemma4's 26B-A4B).
+_GEMMA4 = dict(
+    model_type="gemma4_text", vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32, rms_norm_eps=1e-6,
+    sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                     "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                        "rope_theta": 1_000_000.0}},
+    final_logit_softcapping=30.0, hidden_size_per_layer_input=0, vocab_size_per_layer_input=512,
+    max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+TINY_CONFIGS |= {
+    "gemma4_text": _GEMMA4,
+    "gemma4_edge": _GEMMA4 | dict(hidden_size_per_layer_input=8, num_kv_shared_layers=2, attention_k_eq_v=True,
+                                  num_global_key_value_heads=1, use_double_wide_mlp=True),
+    "gemma4_moe": _GEMMA4 | dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+                                 attention_k_eq_v=True, num_global_key_value_heads=1),
+}
+
 
 def byte_tokenizer_json(vocab_size: int) -> dict:
     """A byte-level tokenizer: ids 0-3 special, then the 256 bytes; the rest unused."""
@@ -48,13 +69,18 @@ def tiny_model_dir(out: str | Path, family: str = "gemma3_text", seed: int = 0, 
     config = {**TINY_CONFIGS[family], **overrides}
     model = build_model(config)
     g = torch.Generator().manual_seed(seed)
+    # Gemma 4's norms, layer_scalar and router scales multiply by the weight itself (no 1+
+    # offset as in Gemma 3): center its vectors on 1 so activations keep their scale.
+    center = 1.0 if config["model_type"].startswith("gemma4") else 0.0
     weights = {}
     for name, p in model.named_parameters():
         if name == "lm_head.weight" and config.get("tie_word_embeddings"):
             continue
-        std = 0.0 if p.ndim == 1 else 1.0 / p.shape[-1] ** 0.5
-        weights[name] = (torch.randn(p.shape, generator=g) * std if p.ndim > 1 else torch.randn(p.shape, generator=g) * 0.1)
-    if family.startswith("gemma"):  # Gemma scales embeddings by sqrt(D): keep logits tame
+        if p.ndim > 1:
+            weights[name] = torch.randn(p.shape, generator=g) * (1.0 / p.shape[-1] ** 0.5)
+        else:
+            weights[name] = center + torch.randn(p.shape, generator=g) * 0.1
+    if config["model_type"].startswith("gemma"):  # Gemma scales embeddings by sqrt(D): keep logits tame
         weights["model.embed_tokens.weight"] *= config["hidden_size"] ** -0.5
     save_file({k: v.contiguous() for k, v in weights.items()}, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(config, indent=2))

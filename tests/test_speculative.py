@@ -9,7 +9,11 @@ import mtpdraft
 from mtpdraft.config import SamplingParams, SpecParams, Stats
 from mtpdraft.decoding import generate
 from mtpdraft.drafters import Draft, MTPConfig, MTPDrafter, MTPDraftSource, NgramDrafter
+from mtpdraft.drafters.gemma4_assistant import Gemma4AssistantDrafter
+from mtpdraft.models import gemma4
+from mtpdraft.testing import TINY_CONFIGS
 
+FAMILIES = list(TINY_CONFIGS)
 _cache = {}
 
 
@@ -20,11 +24,26 @@ def model_and_tok(tiny_dirs, fam):
 
 
 def random_mtp(model, seed, clustered):
-    cfg = MTPConfig.for_target(model, hidden_size=32, intermediate_size=64,
-                               num_attention_heads=model.args.num_key_value_heads * 2,
-                               layer_types=["sliding_attention", "full_attention"],
-                               use_ordered_embeddings=clustered, num_centroids=16, centroid_intermediate_top_k=4)
-    return MTPDraftSource(MTPDrafter.random(cfg, seed=seed, std=0.3))
+    kw = dict(hidden_size=32, intermediate_size=64, num_attention_heads=model.args.num_key_value_heads * 2,
+              layer_types=["sliding_attention", "full_attention"],
+              use_ordered_embeddings=clustered, num_centroids=16, centroid_intermediate_top_k=4)
+    if isinstance(model, gemma4.Model):
+        return MTPDraftSource(random_gemma4_assistant(model, seed, **kw))
+    return MTPDraftSource(MTPDrafter.random(MTPConfig.for_target(model, **kw), seed=seed, std=0.3))
+
+
+def random_gemma4_assistant(model, seed, **kw):
+    """A random gemma4_assistant-style drafter: its full-attention queries take the target's
+    full-layer head_dim (the generic MTPDrafter's single head_dim cannot read those keys)."""
+    a = model.args
+    cfg = MTPConfig(backbone_hidden_size=a.hidden_size, vocab_size=a.vocab_size, head_dim=a.head_dim,
+                    num_key_value_heads=1, **kw)
+    d = Gemma4AssistantDrafter(cfg, a)
+    g = torch.Generator().manual_seed(seed)
+    for _, p in d.named_parameters():  # Gemma 4 norms scale by their weight: keep them near 1
+        p.data = 1 + 0.1 * torch.randn(p.shape, generator=g) if p.ndim == 1 else torch.randn(p.shape, generator=g) * 0.3
+    d.check_target(model)
+    return d.eval()
 
 
 class ReplayDrafter:
@@ -66,8 +85,8 @@ def run(model, tok, prompt, sp, drafter=None, k=4, adaptive=False):
     return out, stats
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(fam=st.sampled_from(["gemma3_text", "llama"]),
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fam=st.sampled_from(FAMILIES),
        prompt=st.lists(st.integers(4, 511), min_size=1, max_size=40),
        k=st.integers(1, 8), max_new=st.integers(1, 40), adaptive=st.booleans(),
        kind=st.sampled_from(["ngram", "mtp", "mtp_dense", "noisy"]), seed=st.integers(0, 5),
@@ -91,7 +110,7 @@ def test_speculative_greedy_equals_plain(tiny_dirs, fam, prompt, k, max_new, ada
     assert spec == plain
 
 
-@pytest.mark.parametrize("fam", ["gemma3_text", "llama"])
+@pytest.mark.parametrize("fam", FAMILIES)
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_perfect_drafter_reaches_k_plus_one(tiny_dirs, fam, k):
     model, tok = model_and_tok(tiny_dirs, fam)

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..config import DEFAULT_WEIGHTS
+from ..config import DEFAULT_SAMPLING, DEFAULT_WEIGHTS
+from ..registry import DEFAULT_MODEL
 from .prompts import Prompt, load_prompts
 from .stats import PromptRecord, RunStats, combine, summarize
 
@@ -132,8 +133,9 @@ def _progress(iterable, total: int, enabled: bool, desc: str):
     return tqdm(iterable, total=total, desc=desc, file=sys.stderr, unit="prompt", dynamic_ncols=True)
 
 
-def run_bench(model: str = "gemma-3-270m", drafter: str = "ngram", prompts: str | Path | Sequence[Prompt] | None = None,
-              *, limit: int | None = None, max_new_tokens: int = 128, temperature: float = 0.0, dtype: str = DEFAULT_WEIGHTS,
+def run_bench(model: str = DEFAULT_MODEL, drafter: str = "ngram", prompts: str | Path | Sequence[Prompt] | None = None,
+              *, limit: int | None = None, max_new_tokens: int = DEFAULT_SAMPLING.max_new_tokens,
+              temperature: float = DEFAULT_SAMPLING.temperature, dtype: str = DEFAULT_WEIGHTS,
               draft_len: int | None = None, adaptive: bool = False, compare: str | Sequence[str] | None = None,
               seed: int | None = None, warmup: bool = True, progress: bool = True, log=None) -> dict:
     """Benchmark `drafter` against plain decoding of `model`; returns the result dict (the --json content).

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from ..config import DEFAULT_WEIGHTS
+from ..config import (DEFAULT_WEIGHTS, SERVE_DEFAULT_MAX_TOKENS, SERVE_DRAFT_LEN, SERVE_MAX_BATCH, SERVE_MAX_CONTEXT,
+                      SERVE_MAX_QUEUE, SERVE_SHUTDOWN_TIMEOUT_S, SERVE_SPEC_OFF_BATCH)
 from .engine import BatchEngine, GenRequest
 from .metrics import Metrics
 
 
-def build_app(model: str, *, drafter: str = "auto", dtype: str = DEFAULT_WEIGHTS, max_batch: int = 8,
-              max_context: int = 2048, draft_len: int = 4, adaptive: bool = False, max_queue: int = 64,
-              spec_off_batch: int = 4, default_max_tokens: int = 16, shutdown_timeout: float = 10.0):
+def build_app(model: str, *, drafter: str = "auto", dtype: str = DEFAULT_WEIGHTS, max_batch: int = SERVE_MAX_BATCH,
+              max_context: int = SERVE_MAX_CONTEXT, draft_len: int = SERVE_DRAFT_LEN, adaptive: bool = False,
+              max_queue: int = SERVE_MAX_QUEUE, spec_off_batch: int = SERVE_SPEC_OFF_BATCH,
+              default_max_tokens: int = SERVE_DEFAULT_MAX_TOKENS, shutdown_timeout: float = SERVE_SHUTDOWN_TIMEOUT_S):
     """Load the model and return (FastAPI app, engine); the app's lifespan starts and stops the engine."""
     from .. import load
     from .app import create_app

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import SamplingParams
+from ..config import SERVE_DEFAULT_MAX_TOKENS, SERVE_SHUTDOWN_TIMEOUT_S, SamplingParams
 from .engine import MAX_DRAFT, BatchEngine, EngineStopped, GenRequest, QueueFull
 
 log = logging.getLogger("mtpdraft.serve")
@@ -118,7 +118,8 @@ class Choice:
 
 
 # -- the app -------------------------------------------------------------------------------------
-def create_app(engine: BatchEngine, model_id: str, *, default_max_tokens: int = 16, shutdown_timeout: float = 10.0):
+def create_app(engine: BatchEngine, model_id: str, *, default_max_tokens: int = SERVE_DEFAULT_MAX_TOKENS,
+               shutdown_timeout: float = SERVE_SHUTDOWN_TIMEOUT_S):
     tok = engine.tok
     created = int(time.time())
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import DEFAULT_WEIGHTS, WEIGHT_CHOICES
+from ..config import (DEFAULT_WEIGHTS, SERVE_DEFAULT_MAX_TOKENS, SERVE_DRAFT_LEN, SERVE_HOST, SERVE_MAX_BATCH,
+                      SERVE_MAX_CONTEXT, SERVE_MAX_QUEUE, SERVE_PORT, SERVE_SHUTDOWN_TIMEOUT_S, SERVE_SPEC_OFF_BATCH,
+                      WEIGHT_CHOICES)
 
 
 def add_parser(sub) -> None:
@@ -14,20 +16,22 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="bundled name, local HF directory or .gguf file")
     p.add_argument("--drafter", default="auto", help="auto | none | ngram | PATH to a drafter directory")
     p.add_argument("--dtype", default=DEFAULT_WEIGHTS, choices=WEIGHT_CHOICES, help="weights (see mtpdraft generate --help)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (1..64)")
-    p.add_argument("--max-context", type=int, default=2048, help="prompt + generated tokens per request")
-    p.add_argument("--draft-len", type=int, default=4, help="draft tokens per cycle (a request may ask for fewer/more)")
+    p.add_argument("--host", default=SERVE_HOST)
+    p.add_argument("--port", type=int, default=SERVE_PORT)
+    p.add_argument("--max-batch", type=int, default=SERVE_MAX_BATCH, help="rows decoded together (1..64)")
+    p.add_argument("--max-context", type=int, default=SERVE_MAX_CONTEXT, help="prompt + generated tokens per request")
+    p.add_argument("--draft-len", type=int, default=SERVE_DRAFT_LEN,
+                   help=f"draft tokens per cycle (default {SERVE_DRAFT_LEN}; a request may ask for fewer/more)")
     p.add_argument("--adaptive", action="store_true", help="adapt each request's draft length to its acceptance")
-    p.add_argument("--spec-off-batch", type=int, default=4,
-                   help="switch drafting off while the batch has at least this many rows (0 = never; default 4: "
+    p.add_argument("--spec-off-batch", type=int, default=SERVE_SPEC_OFF_BATCH,
+                   help=f"switch drafting off while the batch has at least this many rows (0 = never; "
+                        f"default {SERVE_SPEC_OFF_BATCH}: "
                         "on gemma-3-270m, 2 CPU cores, verifying drafts for 4+ rows cost more than it saved); "
                         "independently, a batch of B rows drafts at most 64//B - 1 tokens per row")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row before 429s")
-    p.add_argument("--default-max-tokens", type=int, default=16,
+    p.add_argument("--max-queue", type=int, default=SERVE_MAX_QUEUE, help="requests waiting for a row before 429s")
+    p.add_argument("--default-max-tokens", type=int, default=SERVE_DEFAULT_MAX_TOKENS,
                    help="max_tokens for /v1/completions requests that give none (chat: the rest of the context)")
-    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+    p.add_argument("--shutdown-timeout", type=float, default=SERVE_SHUTDOWN_TIMEOUT_S,
                    help="seconds in-flight requests get to finish on shutdown before they are cancelled")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)

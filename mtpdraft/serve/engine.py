@@ -40,7 +40,8 @@ from typing import Callable
 
 import torch
 
-from ..config import SamplingParams, SpecParams, Stats
+from ..config import (SERVE_DRAFT_LEN, SERVE_MAX_BATCH, SERVE_MAX_CONTEXT, SERVE_MAX_QUEUE, SERVE_SHUTDOWN_TIMEOUT_S,
+                      SamplingParams, SpecParams, Stats)
 from ..decoding.engine import eos_ids_of
 from ..decoding.penalties import adjust_logits
 from ..decoding.stops import StopChecker
@@ -106,8 +107,9 @@ class GenRequest:
 
 
 class BatchEngine:
-    def __init__(self, model, tokenizer, *, drafter: str = "none", max_batch: int = 8, max_context: int = 2048,
-                 draft_len: int = 4, adaptive: bool = False, max_queue: int = 64, spec_off_batch: int = 0,
+    def __init__(self, model, tokenizer, *, drafter: str = "none", max_batch: int = SERVE_MAX_BATCH,
+                 max_context: int = SERVE_MAX_CONTEXT, draft_len: int = SERVE_DRAFT_LEN, adaptive: bool = False,
+                 max_queue: int = SERVE_MAX_QUEUE, spec_off_batch: int = 0,
                  metrics: Metrics | None = None):
         if not 1 <= max_batch <= INVARIANT_MAX_ROWS:
             raise ValueError(f"max_batch must be in 1..{INVARIANT_MAX_ROWS} (the batch-invariant kernel limit)")
@@ -154,7 +156,7 @@ class BatchEngine:
         with self._cv:
             self._cv.notify()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = SERVE_SHUTDOWN_TIMEOUT_S) -> None:
         """Stop admitting; let in-flight requests finish for up to `timeout`, then cancel the rest."""
         with self._cv:
             self._stopping = True

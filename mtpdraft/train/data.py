@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,17 +108,3 @@ def generate_batch(model: CausalLM, jobs: list[Job], eos_ids: set[int], fast_hea
         for i in range(B):
             last[i, 0] = pick(i, logits[i])
     return seqs
-
-
-def measure_throughput(model: CausalLM, prompts: list[list[int]], batch_sizes: list[int], new_tokens: int,
-                       eos_ids: set[int], fast_head: bool = False) -> dict[int, float]:
-    """Generated tokens/s for each batch size (prefill included)."""
-    res = {}
-    for b in batch_sizes:
-        jobs = [Job(prompts[i % len(prompts)], new_tokens) for i in range(b)]
-        generate_batch(model, jobs[:1], eos_ids, fast_head)  # warm up
-        t0 = time.perf_counter()
-        seqs = generate_batch(model, jobs, eos_ids, fast_head)
-        dt = time.perf_counter() - t0
-        res[b] = sum(len(s) - len(j.prompt) for s, j in zip(seqs, jobs)) / dt
-    return res

@@ -111,12 +111,11 @@ class TrainConfig:
     min_match: int = 2  # combined drafter: n-gram when its match has >= this many tokens
     gates: tuple[float, ...] = (0.3, 0.6)  # also evaluate `combined` stopping a draft below these confidences
     top_k_tolerance: float = 0.01  # keep the smallest centroid top-k within this of the best held-out tau
-    quick: bool = False
 
     @classmethod
     def quick_config(cls, **kw) -> "TrainConfig":
         """A few minutes on a tiny model: small data, small drafter, short schedule."""
-        base = dict(quick=True, max_prompts=40, new_tokens=48, opened_per_prompt=1, bos_openings=8, gen_batch=16,
+        base = dict(max_prompts=40, new_tokens=48, opened_per_prompt=1, bos_openings=8, gen_batch=16,
                     hidden_size=64, intermediate_size=128, num_attention_heads=4, epochs=10.0, batch_tokens=1024,
                     eval_every=40, ckpt_every=200, warmup_iters=10, lr=3e-3, eval_prompts=4, eval_new_tokens=32,
                     eval_untrained_prompts=4, gates=())
