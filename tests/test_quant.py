@@ -111,11 +111,13 @@ def test_mixed_type_parts_equal_separate_calls():
 
 
 def test_q8_0_quantization_round_trip():
-    w = torch.randn(48, 128) * 0.05
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(0)) * 0.05
     rec = quantize_q8_0(w)
     deq = torch.from_numpy(dequantize(rec, "Q8_0", 128))
-    scale = w.reshape(48, 4, 32).abs().amax(-1, keepdim=True) / 127
-    assert ((deq - w).reshape(48, 4, 32).abs() <= scale * 0.5 + 1e-7).all()
+    # the stored scale is absmax/127 rounded to fp16: errors are within half of it (a block's
+    # largest weight may round past 127 * scale and clamp: within 2^-11 of it)
+    scale = (w.reshape(48, 4, 32).abs().amax(-1, keepdim=True) / 127).half().float()
+    assert ((deq - w).reshape(48, 4, 32).abs() <= scale * 0.5 * (1 + 1e-6) + 1e-7).all()
     assert rec.nbytes == 48 * 128 // 32 * 34  # the file's 34 bytes per 32 weights
 
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import mtpdraft
 from mtpdraft.config import SamplingParams, SpecParams, Stats
 from mtpdraft.decoding import generate
-from mtpdraft.drafters import Draft, MTPConfig, MTPDrafter, MTPDraftSource, NgramDrafter
+from mtpdraft.drafters import Draft, DraftContext, MTPConfig, MTPDrafter, MTPDraftSource, NgramDrafter
 from mtpdraft.drafters.gemma4_assistant import Gemma4AssistantDrafter
 from mtpdraft.models import gemma4
 from mtpdraft.testing import TINY_CONFIGS
@@ -149,9 +149,11 @@ def test_sampling_reproducible_with_seed(tiny_dirs):
     assert a == b
 
 
-def test_speculative_sampling_matches_target_marginal(tiny_dirs):
-    """The second generated token's distribution with a drafter matches plain sampling
-    (both estimated over 400 seeds; tolerance TV < 0.15 for a vocab restricted by top_k=4)."""
+@pytest.mark.parametrize("clustered", [False, True])
+def test_speculative_sampling_matches_target_marginal(tiny_dirs, clustered):
+    """The second generated token's distribution with a drafter (which samples its drafts
+    from its own q) matches plain sampling (both estimated over 400 seeds; tolerance
+    TV < 0.15 for a vocab restricted by top_k=4)."""
     model, tok = model_and_tok(tiny_dirs, "llama")
     prompt = tok("dist").input_ids
     hist = {}
@@ -159,13 +161,40 @@ def test_speculative_sampling_matches_target_marginal(tiny_dirs):
         counts = {}
         for s in range(400):
             sp = SamplingParams(max_new_tokens=2, temperature=1.0, top_k=4, seed=s, ignore_eos=True)
-            d = random_mtp(model, 0, clustered=False) if mode == "spec" else None
+            d = random_mtp(model, 0, clustered=clustered) if mode == "spec" else None
             out, _ = run(model, tok, prompt, sp, d, 2)
             counts[tuple(out)] = counts.get(tuple(out), 0) + 1
         hist[mode] = counts
     keys = set(hist["plain"]) | set(hist["spec"])
     tv = 0.5 * sum(abs(hist["plain"].get(k, 0) - hist["spec"].get(k, 0)) for k in keys) / 400
     assert tv < 0.15, tv
+
+
+@pytest.mark.parametrize("clustered", [False, True])
+def test_mtp_drafts_are_sampled_from_their_own_distribution(tiny_dirs, clustered):
+    """At temperature > 0 the MTP drafter draws its tokens from q (its logits at the request's
+    temperature / top-k) and returns q over the whole vocabulary; greedy requests get argmaxes."""
+    model, tok = model_and_tok(tiny_dirs, "llama")
+    src = random_mtp(model, 0, clustered)
+    prompt = tok("draft me").input_ids
+    cache = model.new_cache(1, 64)
+    hidden = model.prefill(torch.tensor([prompt]), cache).hidden[0, -1]
+
+    def ctx(sp=None, seed=0):
+        return DraftContext(prompt + [7], hidden, model, cache, 0, sp, torch.Generator().manual_seed(seed))
+
+    assert src.propose(ctx(), 3).probs is None
+    sp = SamplingParams(temperature=1.3, top_k=12)
+    d = src.propose(ctx(sp), 3)
+    V = model.args.vocab_size
+    assert d.probs.shape == (3, V)
+    torch.testing.assert_close(d.probs.sum(-1), torch.ones(3))
+    assert all(float(d.probs[i, t]) > 0 for i, t in enumerate(d.tokens))
+    assert ((d.probs > 0).sum(-1) <= 12).all()
+    # the first drafted token follows q[0] (the same for every seed: same context)
+    n = 600
+    counts = torch.bincount(torch.tensor([src.propose(ctx(sp, s), 1).tokens[0] for s in range(n)]), minlength=V)
+    assert 0.5 * float((counts / n - d.probs[0]).abs().sum()) < 0.1
 
 
 def test_make_drafter_specs(tiny_dirs, tmp_path):

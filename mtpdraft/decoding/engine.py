@@ -80,7 +80,7 @@ def generate(model: CausalLM, prompt_ids: list[int], sp: SamplingParams | None =
         room = min(sp.max_new_tokens - len(stopper.ids) - 1, max_len - cache.lengths[0] - 1)
         draft = Draft([])
         if drafter is not None and min(k, room) > 0:
-            draft = drafter.propose(DraftContext(tokens, hidden, model, cache), min(k, room))
+            draft = drafter.propose(DraftContext(tokens, hidden, model, cache, 0, sp, gen), min(k, room))
         t_draft = time.perf_counter()
 
         # verify: one target forward over [last token] + draft

@@ -8,6 +8,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..cache import KVCache
+from ..config import SamplingParams
 from ..models.base import CausalLM
 
 
@@ -20,6 +21,9 @@ class DraftContext:
     hidden: [D] the target's final hidden state at the last verified position
       (the one whose logits chose tokens[-1]).
     cache/row: the target's KV cache; positions < cache.lengths[row] are verified.
+    sampling/generator: the request's settings and random stream. At temperature > 0 a
+      drafter with a distribution of its own may sample from it and return it as
+      Draft.probs (verification then accepts with min(1, p/q), exact for any q).
     """
 
     tokens: list[int]
@@ -27,6 +31,8 @@ class DraftContext:
     target: CausalLM
     cache: KVCache
     row: int = 0
+    sampling: SamplingParams | None = None
+    generator: torch.Generator | None = None
 
 
 @dataclass

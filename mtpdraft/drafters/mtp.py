@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import kernels
 from ..kernels import apply_rope
+from ..decoding.verify import sample, target_probs
 from ..layers import Linear, RMSNorm, linear
 from ..models.base import CausalLM
 from .base import Draft, DraftContext
@@ -235,17 +236,26 @@ class MTPDraftSource:
         srcs = self.drafter.sources(ctx.target, cache)
         tok = torch.tensor([ctx.tokens[-1]])
         h = ctx.hidden[None]
+        sp = ctx.sampling
+        sampled = sp is not None and not sp.greedy
         out: list[int] = []
+        qs: list[torch.Tensor] = []
         for i in range(k):
             ids, logits, h = self.drafter.step(ctx.target, tok, h, positions, srcs)
-            j = int(logits[0].argmax())
+            if sampled:  # draw from the drafter's own distribution at the request's settings
+                q = target_probs(logits[0], sp)
+                j = sample(q, ctx.generator)
+            else:
+                j = int(logits[0].argmax())
             if i > 0 and self.min_confidence > 0:
                 if float(torch.softmax(logits[0], -1)[j]) < self.min_confidence:
                     break
             t = int(ids[0, j]) if ids is not None else j
             out.append(t)
+            if sampled:  # q over the whole vocabulary (clustered heads score only their candidates)
+                qs.append(q if ids is None else torch.zeros(ctx.target.args.vocab_size).index_put_((ids[0],), q))
             tok = torch.tensor([t])
-        return Draft(out)
+        return Draft(out, torch.stack(qs) if qs else None)
 
     def observe(self, accepted: int, proposed: int) -> None:
         pass

@@ -269,8 +269,7 @@ inline void decode(const uint8_t* panel, int64_t b, Block& o) {
 inline __m512i dpb(__m512i acc, __m512i w, const int8_t* p) { return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(load32(p))); }
 
 template <int T, int G>
-inline void panel_rows(const uint8_t* panel, const XQ& a, const int32_t* init, int64_t n0, float* y, int64_t ldy,
-                       int64_t pf) {
+inline void panel_rows(const uint8_t* panel, const XQ& a, const int32_t* init, int64_t n0, float* y, int64_t ldy) {
   const int64_t K = a.K, nb = a.nb;
   const int8_t* xq = a.q.data() + n0 * K;
   const float* dl = a.d.data() + n0 * nb;
@@ -281,10 +280,6 @@ inline void panel_rows(const uint8_t* panel, const XQ& a, const int32_t* init, i
   for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
   Block wb;
   for (int64_t b = 0; b < nb; ++b) {
-    if (pf > 0 && (unit_elems(T) == 32 || (b & 7) == 0)) {
-      const uint8_t* u = panel + (b * 32 / unit_elems(T)) * unit_bytes(T) + pf;
-      for (int64_t l = 0; l < unit_bytes(T); l += 64) _mm_prefetch(reinterpret_cast<const char*>(u + l), _MM_HINT_T0);
-    }
     decode<T>(panel, b, wb);
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
@@ -407,8 +402,7 @@ inline __m256i dot4(__m256i acc, __m256i w, const int8_t* x) {
 }
 
 template <int T, int G>
-inline void panel_rows(const uint8_t* panel, const XQ& a, const int32_t* init, int64_t n0, float* y, int64_t ldy,
-                       int64_t pf) {
+inline void panel_rows(const uint8_t* panel, const XQ& a, const int32_t* init, int64_t n0, float* y, int64_t ldy) {
   constexpr bool sgn = T == T_Q8_0;
   const int64_t K = a.K, nb = a.nb;
   const int8_t* xq = a.q.data() + n0 * K;
@@ -421,10 +415,6 @@ inline void panel_rows(const uint8_t* panel, const XQ& a, const int32_t* init, i
     for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
     Block wb;
     for (int64_t b = 0; b < nb; ++b) {
-      if (h == 0 && pf > 0 && (unit_elems(T) == 32 || (b & 7) == 0)) {
-        const uint8_t* u = panel + (b * 32 / unit_elems(T)) * unit_bytes(T) + pf;
-        for (int64_t l = 0; l < unit_bytes(T); l += 64) _mm_prefetch(reinterpret_cast<const char*>(u + l), _MM_HINT_T0);
-      }
       decode<T>(panel, b, h, wb);
 #pragma GCC unroll 8
       for (int g = 0; g < G; ++g) {
@@ -454,27 +444,24 @@ inline void panel_rows(const uint8_t* panel, const XQ& a, const int32_t* init, i
 constexpr int kGroup = 4;
 #endif
 
-// software prefetch distance in bytes into L1 (speed only; prefetches never fault)
-int64_t g_pf_bytes = 4096;
-
-// one panel against all x rows, in groups of rows (grouping changes nothing per output)
+// one panel against all x rows, in groups of rows (grouping changes nothing per output).
+// (No software prefetch: the panels are one sequential stream, which the hardware
+// prefetchers follow; measured, prefetching ahead only slowed it.)
 template <int T>
 void panel_all(const uint8_t* panel, const XQ& a, const int32_t* init, float* y, int64_t ldy) {
   int64_t n = 0;
-  const int64_t pf = g_pf_bytes;
-  for (; n + kGroup <= a.N; n += kGroup) panel_rows<T, kGroup>(panel, a, init, n, y + n * ldy, ldy, n ? 0 : pf);
+  for (; n + kGroup <= a.N; n += kGroup) panel_rows<T, kGroup>(panel, a, init, n, y + n * ldy, ldy);
   float* yn = y + n * ldy;
-  const int64_t p = n ? 0 : pf;
   switch (a.N - n) {
 #if MTP_AVX512
-    case 7: panel_rows<T, 7>(panel, a, init, n, yn, ldy, p); break;
-    case 6: panel_rows<T, 6>(panel, a, init, n, yn, ldy, p); break;
-    case 5: panel_rows<T, 5>(panel, a, init, n, yn, ldy, p); break;
-    case 4: panel_rows<T, 4>(panel, a, init, n, yn, ldy, p); break;
+    case 7: panel_rows<T, 7>(panel, a, init, n, yn, ldy); break;
+    case 6: panel_rows<T, 6>(panel, a, init, n, yn, ldy); break;
+    case 5: panel_rows<T, 5>(panel, a, init, n, yn, ldy); break;
+    case 4: panel_rows<T, 4>(panel, a, init, n, yn, ldy); break;
 #endif
-    case 3: panel_rows<T, 3>(panel, a, init, n, yn, ldy, p); break;
-    case 2: panel_rows<T, 2>(panel, a, init, n, yn, ldy, p); break;
-    case 1: panel_rows<T, 1>(panel, a, init, n, yn, ldy, p); break;
+    case 3: panel_rows<T, 3>(panel, a, init, n, yn, ldy); break;
+    case 2: panel_rows<T, 2>(panel, a, init, n, yn, ldy); break;
+    case 1: panel_rows<T, 1>(panel, a, init, n, yn, ldy); break;
     default: break;
   }
 }
@@ -603,12 +590,9 @@ torch::Tensor huge_copy(torch::Tensor w) {
 
 std::string isa() { return MTP_AVX512 ? "avx512-vnni" : "avx2"; }
 
-void set_prefetch(int64_t l1_bytes) { g_pf_bytes = l1_bytes; }
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear, "batch-invariant y = x @ W.T over quantized weight panels");
   m.def("qrows", &qrows, "exact fp32 values of selected rows of a quantized weight");
   m.def("huge_copy", &huge_copy, "copy into transparent huge pages");
   m.def("isa", &isa, "instruction set this build uses");
-  m.def("_set_prefetch", &set_prefetch, "speed-only knob: software prefetch distance into L1, bytes (0 = off)");
 }

@@ -390,7 +390,7 @@ class BatchEngine:
         k = min(r.k, room, cap)
         if r.drafter is None or k <= 0:
             return Draft([])
-        ctx = DraftContext(r.tokens, r.hidden, self.model, self.cache.rows(i, i + 1), 0)
+        ctx = DraftContext(r.tokens, r.hidden, self.model, self.cache.rows(i, i + 1), 0, r.sp, r.gen)
         d = r.drafter.propose(ctx, k)
         return Draft(list(d.tokens[:k]), None if d.probs is None else d.probs[:k])
 
