@@ -216,3 +216,50 @@ def test_drafting_without_native_kernels_is_an_error(monkeypatch, tmp_path):
 def test_api_load_defaults_to_auto(tmp_path):
     model, _ = mtpdraft.load(str(tiny_model_dir(tmp_path / "m", "llama")))
     assert model.weights_format == "bf16"  # not from a GGUF: dense bf16
+
+
+def test_clustered_drafter_reads_a_cluster_ordered_copy_of_a_quantized_table(tmp_path, monkeypatch):
+    from mtpdraft.models import load_model_dir
+
+    model = load_model_dir(tiny_model_dir(tmp_path / "m", "gemma3_text", seed=5), "q8_0")
+    assert isinstance(model.head_weight, K.QWeight)
+    cfg = MTPConfig.for_target(model, num_centroids=16, centroid_intermediate_top_k=4, tie_output_to_target=True)
+    drafter = MTPDrafter.random(cfg, seed=2, std=0.3).to_dtype(model.dtype)
+    ordered = drafter._ordered_table(model.head_weight)
+    perm = drafter.masked_embedding.token_ordering
+    assert torch.equal(ordered.dequantize(), model.head_weight.dequantize()[perm])  # Q8_0: the same values
+    # its logits are the table's (up to the kernel's activation quantization), for the same candidates
+    cache = model.new_cache(1, 64)
+    out = model.prefill(torch.tensor([[3, 9, 27, 81, 5]]), cache)
+    args = (model, torch.tensor([11]), out.hidden[0, -1:], torch.tensor([[4]]), drafter.sources(model, cache))
+    ids, fast, _ = drafter.step(*args)
+    monkeypatch.setattr(MTPDrafter, "_ordered_table", lambda self, table: None)
+    ids2, slow, _ = drafter.step(*args)
+    monkeypatch.undo()
+    assert torch.equal(ids, ids2)
+    torch.testing.assert_close(fast, slow, atol=0.05 * float(slow.abs().max()), rtol=0)
+    src = MTPDraftSource(drafter)
+    for prompt in ([5, 6, 7, 8], list(range(20, 60))):
+        plain = list(generate(model, prompt, SamplingParams(max_new_tokens=30, ignore_eos=True)))
+        for k in (1, 3, 6):
+            got = list(generate(model, prompt, SamplingParams(max_new_tokens=30, ignore_eos=True), drafter=src,
+                                spec=SpecParams(draft_len=k)))
+            assert got == plain, k
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0"])
+def test_permute_rows(qtype):
+    from mtpdraft.kernels.quant import permute_rows
+
+    raw = random_gguf_blocks(qtype, 48, 256, seed=9)
+    panels = repack_gguf(raw, qtype, 48, 256)
+    order = np.random.default_rng(0).permutation(48)
+    out, t = permute_rows(panels, qtype, 256, order)
+    assert t == "Q8_0"
+    want = dequantize(panels, qtype, 256)[order]
+    got = dequantize(out, "Q8_0", 256)
+    if qtype == "Q8_0":
+        assert np.array_equal(got, want)  # moved byte for byte
+    else:  # requantized: within half a Q8_0 step
+        step = np.abs(want).reshape(48, 8, 32).max(-1, keepdims=True) / 127
+        assert (np.abs(got - want).reshape(48, 8, 32) <= step * 0.51 + 1e-7).all()

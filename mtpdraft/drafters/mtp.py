@@ -216,8 +216,35 @@ class MTPDrafter(nn.Module):
         top = self.masked_embedding.centroids(y).topk(c.centroid_intermediate_top_k, dim=-1).indices  # [B, k_c]
         clusters = self.masked_embedding.token_ordering.view(c.num_centroids, -1)
         ids = clusters[top].flatten(1)  # [B, k_c * V/C]
+        ordered = self._ordered_table(table) if y.shape[0] == 1 else None
+        if ordered is not None:  # the selected clusters' panels of a cluster-ordered quantized copy
+            per = ordered.parts[0].shape[0] // c.num_centroids
+            parts = [ordered.parts[0][i * per:(i + 1) * per] for i in top[0].tolist()]
+            return ids, kernels.qlinear(y, kernels.QWeight(parts, ordered.types * len(parts), y.shape[-1])), h_next
         logits = torch.einsum("bd,bmd->bm", y, kernels.take_rows(table, ids))
         return ids, logits, h_next
+
+    def _ordered_table(self, table) -> "kernels.QWeight | None":
+        """A quantized output table's rows in cluster order (built once, kept).
+
+        A quantized table stores 16 rows per panel, so gathering a cluster's scattered
+        rows touches a cache line per 4 bytes of a row; in cluster order the candidates
+        of a cluster are consecutive panels, read in one stream. (Drafting only: any q
+        is lossless. A Q8_0 table keeps its values; other types are requantized to Q8_0.)"""
+        c = self.config
+        if not isinstance(table, kernels.QWeight) or (c.vocab_size // c.num_centroids) % 16:
+            return None
+        cached = getattr(self, "_ordered", None)
+        if cached is None or cached[0] is not table:
+            from ..kernels.quant import permute_rows
+
+            if len(table.parts) != 1:
+                return None
+            panels, qtype = permute_rows(table.parts[0].numpy(), table.types[0], table.shape[1],
+                                         self.masked_embedding.token_ordering.numpy())
+            cached = (table, kernels.QWeight([torch.from_numpy(panels)], [qtype], table.shape[1]))
+            object.__setattr__(self, "_ordered", cached)
+        return cached[1]
 
 
 class MTPDraftSource:

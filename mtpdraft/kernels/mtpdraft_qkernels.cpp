@@ -159,39 +159,50 @@ void quantize_x(const float* x, int64_t N, int64_t K, XQ& a) {
 // ---------------------------------------------------------------------------
 template <int T>
 void dequant_row(const uint8_t* panel, int j, int64_t K, float* out) {
-  for (int64_t b = 0; b < K / 32; ++b) {
-    for (int e = 0; e < 32; ++e) {
-      const int k = e / 4, t = 4 * j + e % 4;  // register k, byte t
-      float v = 0.0f;
-      if constexpr (T == T_Q8_0) {
-        const uint8_t* p = panel + b * 544;
-        v = h2f(p + 2 * j) * static_cast<float>(static_cast<int>(p[32 + 64 * k + t]) - 128);
-      } else if constexpr (T == T_Q4_0 || T == T_Q4_1 || T == T_Q5_0) {
-        const uint8_t* p = panel + b * unit_bytes(T);
-        const uint8_t* nib = p + (T == T_Q4_1 ? 64 : 32);
-        int u = (nib[64 * (k % 4) + t] >> (4 * (k / 4))) & 15;
-        if constexpr (T == T_Q5_0) u += 16 * static_cast<int>((load64(p + 288 + 8 * k) >> t) & 1);
-        const float d = h2f(p + 2 * j);
-        if constexpr (T == T_Q4_1) v = d * static_cast<float>(u) + h2f(p + 32 + 2 * j);
-        else v = d * static_cast<float>(u - value_offset(T));
-      } else if constexpr (T == T_Q4_K) {
-        const uint8_t* sp = panel + (b / 8) * 2368;
-        const int s = static_cast<int>(b % 8);
-        const int u = (sp[320 + 256 * s + 64 * (k % 4) + t] >> (4 * (k / 4))) & 15;
-        const float sc = h2f(sp + 2 * j) * static_cast<float>(sp[64 + 16 * s + j]);
-        const float mn = h2f(sp + 32 + 2 * j) * static_cast<float>(sp[192 + 16 * s + j]);
-        v = sc * static_cast<float>(u) - mn;
-      } else if constexpr (T == T_Q6_K) {
-        const uint8_t* sp = panel + (b / 8) * 3360;
-        const int jb = static_cast<int>(b % 8);
-        const uint8_t* base = sp + 288 + 384 * jb;
-        const int lo = (base[64 * (k % 4) + t] >> (4 * (k / 4))) & 15;
-        const int hi = (base[256 + 64 * (k / 4) + t] >> (2 * (k % 4))) & 3;
-        const int sub = 2 * jb + e / 16;
-        const float sc = h2f(sp + 2 * j) * static_cast<float>(static_cast<int8_t>(sp[32 + 16 * sub + j]));
-        v = sc * static_cast<float>((lo | (hi << 4)) - 32);
+  for (int64_t b = 0; b < K / 32; ++b, out += 32) {
+    // element e = 4k + i of the block: register k, byte t = 4j + i
+    if constexpr (T == T_Q8_0) {
+      const uint8_t* p = panel + b * 544;
+      const float d = h2f(p + 2 * j);
+      for (int k = 0; k < 8; ++k)
+        for (int i = 0; i < 4; ++i) out[4 * k + i] = d * static_cast<float>(static_cast<int>(p[32 + 64 * k + 4 * j + i]) - 128);
+    } else if constexpr (T == T_Q4_0 || T == T_Q4_1 || T == T_Q5_0) {
+      const uint8_t* p = panel + b * unit_bytes(T);
+      const uint8_t* nib = p + (T == T_Q4_1 ? 64 : 32);
+      const float d = h2f(p + 2 * j);
+      const float m = T == T_Q4_1 ? h2f(p + 32 + 2 * j) : 0.0f;
+      for (int k = 0; k < 8; ++k) {
+        const uint32_t hb = T == T_Q5_0 ? static_cast<uint32_t>(load64(p + 288 + 8 * k) >> (4 * j)) : 0u;
+        for (int i = 0; i < 4; ++i) {
+          int u = (nib[64 * (k % 4) + 4 * j + i] >> (4 * (k / 4))) & 15;
+          if constexpr (T == T_Q5_0) u += 16 * static_cast<int>((hb >> i) & 1);
+          if constexpr (T == T_Q4_1) out[4 * k + i] = d * static_cast<float>(u) + m;
+          else out[4 * k + i] = d * static_cast<float>(u - value_offset(T));
+        }
       }
-      out[b * 32 + e] = v;
+    } else if constexpr (T == T_Q4_K) {
+      const uint8_t* sp = panel + (b / 8) * 2368;
+      const int s = static_cast<int>(b % 8);
+      const float sc = h2f(sp + 2 * j) * static_cast<float>(sp[64 + 16 * s + j]);
+      const float mn = h2f(sp + 32 + 2 * j) * static_cast<float>(sp[192 + 16 * s + j]);
+      const uint8_t* nib = sp + 320 + 256 * s;
+      for (int k = 0; k < 8; ++k)
+        for (int i = 0; i < 4; ++i)
+          out[4 * k + i] = sc * static_cast<float>((nib[64 * (k % 4) + 4 * j + i] >> (4 * (k / 4))) & 15) - mn;
+    } else if constexpr (T == T_Q6_K) {
+      const uint8_t* sp = panel + (b / 8) * 3360;
+      const int jb = static_cast<int>(b % 8);
+      const uint8_t* base = sp + 288 + 384 * jb;
+      const float d = h2f(sp + 2 * j);
+      for (int k = 0; k < 8; ++k) {
+        const float sc = d * static_cast<float>(static_cast<int8_t>(sp[32 + 16 * (2 * jb + k / 4) + j]));
+        for (int i = 0; i < 4; ++i) {
+          const int t = 4 * j + i;
+          const int lo = (base[64 * (k % 4) + t] >> (4 * (k / 4))) & 15;
+          const int hi = (base[256 + 64 * (k / 4) + t] >> (2 * (k % 4))) & 3;
+          out[4 * k + i] = sc * static_cast<float>((lo | (hi << 4)) - 32);
+        }
+      }
     }
   }
 }

@@ -115,6 +115,20 @@ def _q8_0_panels(u: np.ndarray, d: np.ndarray) -> np.ndarray:
     return units.reshape(rows // PANEL, -1)
 
 
+def permute_rows(panels: np.ndarray, qtype: str, k: int, order: np.ndarray) -> tuple[np.ndarray, str]:
+    """Panels whose row i is row order[i] of `panels`: Q8_0 moved byte for byte (same
+    values), other types requantized to Q8_0. Returns (panels, type)."""
+    order = np.asarray(order)
+    if qtype != "Q8_0":
+        w = torch.from_numpy(dequantize(panels, qtype, k)[order])
+        return quantize_q8_0(w), "Q8_0"
+    P, nb = panels.shape[0], k // 32
+    units = np.asarray(panels, np.uint8).reshape(P, nb, 544)
+    d = _uncols(units[..., :32].reshape(P, nb, PANEL, 2))  # [rows, nb, 2]
+    u = _unregs(units[..., 32:].reshape(P, nb, 8, 64))  # [rows, k]
+    return _q8_0_panels(u[order], d[order]), "Q8_0"
+
+
 def repack_gguf(raw: np.ndarray, qtype: str, rows: int, k: int) -> np.ndarray:
     """GGUF blocks of a [rows, k] tensor (uint8, rows x k/bs*bb bytes) -> panels [rows/16, panel_bytes]."""
     if not supported(qtype, rows, k):
