@@ -20,7 +20,7 @@ import mtpdraft
 from mtpdraft.bench import machine_info
 from mtpdraft.config import SamplingParams, Stats
 from mtpdraft.decoding import generate
-from mtpdraft.drafters import MTPConfig, MTPDrafter, MTPDraftSource
+from mtpdraft.drafters import MTPConfig, MTPDrafter, MTPDraftSource, make_drafter, shipped_drafter_dir
 from mtpdraft.drafters.base import DraftContext
 
 PROMPTS = ["The history of the printing press", "def binary_search(arr, target):\n",
@@ -49,9 +49,12 @@ def decode_step_ms(model, n_new: int, reps: int = 20) -> float:
     return 1e3 * times[len(times) // 2]
 
 
-def draft_step_ms(model, clustered: bool, reps: int = 30) -> float:
-    cfg = MTPConfig.for_target(model, use_ordered_embeddings=clustered)
-    src = MTPDraftSource(MTPDrafter.random(cfg).to_dtype(model.dtype))
+def draft_step_ms(model, clustered: bool, reps: int = 30, src=None) -> float:
+    """One drafting step: a random drafter (Gemma 4 assistant-like head, k_c 32 of 2048
+    clusters, its own table), or `src`."""
+    if src is None:
+        cfg = MTPConfig.for_target(model, use_ordered_embeddings=clustered)
+        src = MTPDraftSource(MTPDrafter.random(cfg).to_dtype(model.dtype))
     cache = model.new_cache(1, 512)
     out = model.prefill(torch.tensor([[2] + list(range(1000, 1200))]), cache)
     ctx = DraftContext(list(range(201)), out.hidden[0, -1], model, cache)
@@ -87,6 +90,11 @@ def main():
     res["step_over_bound"] = round(res["forward_ms"][1] / res["weight_read_bound_ms"], 2)
     res["draft_step_ms"] = {"clustered": round(draft_step_ms(model, True), 2),
                             "dense": round(draft_step_ms(model, False), 2)}
+    shipped = shipped_drafter_dir("gemma-3-270m")
+    if shipped:  # the drafter `--drafter auto` ships for this model (tied to the target's table)
+        ms = draft_step_ms(model, True, src=make_drafter(str(shipped), model))
+        res["draft_step_ms"]["shipped"] = round(ms, 2)
+        res["shipped_draft_step_over_decode_step"] = round(ms / res["forward_ms"][1], 3)
 
     hf = None
     if not args.no_hf:
