@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 
-# 2: quant.safetensors beside the dense weights; 3: its chunk-order layout (earlier conversions are redone once)
+# 2: quant.safetensors beside the dense weights; 3: its chunk-order layout; 4: panels of 16 rows
+# (earlier conversions are redone once)
 CONVERT_VERSION = 4
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import kernels
 from ..kernels import apply_rope
+from ..kernels.quant import PANEL, permute_rows
 from ..decoding.verify import sample, target_probs
 from ..layers import Linear, RMSNorm, linear
 from ..models.base import CausalLM
@@ -232,14 +233,10 @@ class MTPDrafter(nn.Module):
         of a cluster are consecutive panels, read in one stream. (Drafting only: any q
         is lossless. A Q8_0 table keeps its values; other types are requantized to Q8_0.)"""
         c = self.config
-        if not isinstance(table, kernels.QWeight) or (c.vocab_size // c.num_centroids) % 16:
+        if not isinstance(table, kernels.QWeight) or len(table.parts) != 1 or (c.vocab_size // c.num_centroids) % PANEL:
             return None
         cached = getattr(self, "_ordered", None)
         if cached is None or cached[0] is not table:
-            from ..kernels.quant import permute_rows
-
-            if len(table.parts) != 1:
-                return None
             panels, qtype = permute_rows(table.parts[0].numpy(), table.types[0], table.shape[1],
                                          self.masked_embedding.token_ordering.numpy())
             cached = (table, kernels.QWeight([torch.from_numpy(panels)], [qtype], table.shape[1]))

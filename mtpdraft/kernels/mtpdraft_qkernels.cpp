@@ -63,20 +63,13 @@ constexpr int64_t unit_bytes(int t) {
   return 0;  // unsupported (check_part refuses it)
 }
 
-// integer offset folded into the block sum: sum(w x) = sum(u x) - off * sum(x)
-constexpr int block_offset(int t) {
-  switch (t) {
-    case T_Q8_0: return MTP_AVX512 ? 128 : 0;  // AVX2 multiplies the signed bytes instead
-    case T_Q4_0: return 8;
-    case T_Q5_0: return 16;
-    case T_Q6_K: return 32;  // per 16 weights
-  }
-  return 0;
-}
+// u = q + value_offset: the unsigned values the layout stores
 constexpr int value_offset(int t) {
   return t == T_Q8_0 ? 128 : t == T_Q4_0 ? 8 : t == T_Q5_0 ? 16 : t == T_Q6_K ? 32 : 0;
 }
-constexpr bool has_mins(int t) { return t == T_Q4_1 || t == T_Q4_K; }
+// integer offset folded into the block sum: sum(w x) = sum(u x) - off * sum(x) (Q6_K per 16
+// weights); AVX2 multiplies Q8_0's signed bytes instead
+constexpr int block_offset(int t) { return t == T_Q8_0 && !MTP_AVX512 ? 0 : value_offset(t); }
 
 inline float h2f(const uint8_t* p) {
   uint16_t h;
@@ -522,11 +515,13 @@ torch::Tensor qlinear(torch::Tensor x, std::vector<torch::Tensor> parts, std::ve
   if (N == 0 || O == 0) return y;
   XQ a;
   quantize_x(x.data_ptr<float>(), N, K, a);
-  // offsets: a block sum starts at -off * sum(x) (per 16 weights for Q6_K; zeros without offset)
-  std::vector<std::vector<int32_t>> inits(parts.size());
+  // offsets: a block sum starts at -off * sum(x) (per 16 weights for Q6_K; zeros without
+  // offset), one array per type present (fused parts often share one)
+  std::vector<std::vector<int32_t>> init_of(T_Q6_K + 1);
   for (size_t p = 0; p < parts.size(); ++p) {
     const int t = static_cast<int>(types[p]), off = block_offset(t);
-    auto& v = inits[p];
+    auto& v = init_of[t];
+    if (!v.empty()) continue;
     if (t == T_Q6_K) {
       v.resize(a.s16.size());
       for (size_t i = 0; i < v.size(); ++i) v[i] = -off * a.s16[i];
@@ -555,7 +550,7 @@ torch::Tensor qlinear(torch::Tensor x, std::vector<torch::Tensor> parts, std::ve
       const auto& w = parts[p];
       const uint8_t* panel = w.data_ptr<uint8_t>() + panel_of[b] * w.size(1);
       dispatch(static_cast<int>(types[p]),
-               [&](auto T) { panel_all<decltype(T)::value>(panel, a, inits[p].data(), yd + col0[b], O); });
+               [&](auto T) { panel_all<decltype(T)::value>(panel, a, init_of[types[p]].data(), yd + col0[b], O); });
     }
   });
   return y;

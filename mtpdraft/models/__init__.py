@@ -102,13 +102,13 @@ def quant_summary(path: Path) -> "tuple[str, int] | None":
 def quantizable(model: CausalLM) -> set[str]:
     """Names of the matrices a quantized format stores quantized: every Linear weight
     and the embedding table with rows a multiple of 16 and input width a multiple of 32."""
+    from ..kernels.quant import supported
     from ..layers import Linear
 
     names = {n + ".weight" for n, m in model.named_modules() if isinstance(m, Linear)}
     names.add("model.embed_tokens.weight")
     params = dict(model.named_parameters())
-    return {n for n in names if n in params and params[n].ndim == 2
-            and params[n].shape[0] % 16 == 0 and params[n].shape[1] % 32 == 0}
+    return {n for n in names if n in params and params[n].ndim == 2 and supported("Q8_0", *params[n].shape)}
 
 
 def _q8_0_cache(path: Path) -> Path:
