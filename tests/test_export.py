@@ -113,6 +113,7 @@ def export_cli(drafter_dir: Path, target_dir: Path, out: Path) -> Path:
 def targets(tmp_path_factory):
     out = {}
     for name, kw in TARGETS.items():
+        torch.manual_seed(0)  # transformers initializes from the global RNG: the same targets in any test order
         hf = randomize(transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**kw)).eval())
         path = tmp_path_factory.mktemp(f"target_{name}")
         hf.save_pretrained(path)
@@ -142,7 +143,9 @@ def test_converted_drafter_drafts_what_ours_drafts(targets, tmp_path):
         i1, l1, h1 = ours.step(target, tok, h1, pos, ours.sources(target, cache))
         i2, l2, h2 = exp.step(target, tok, h2, pos, exp.sources(target, cache))
         assert torch.equal(i1, i2)
-        torch.testing.assert_close(l2, l1, rtol=0, atol=1e-5)
+        # softcapped logits (|l| <= 30) after two fp32 layers summed in another order: 1e-4 is rounding,
+        # a wrong fold moves logits by ~0.1
+        torch.testing.assert_close(l2, l1, rtol=0, atol=1e-4)
         tok = i1[0, l1[0].argmax()].view(1)
 
 
