@@ -266,3 +266,56 @@ def test_qkv_rope_cache_matches_reference(cache_dtype, qk_norm):
         qi = K.qkv_rope_cache(qkv[:, i:i + 1], positions[:, i:i + 1], H, Hkv, qn, kn, 1e-6, 1.0, inv, k1, v1)
         assert torch.equal(qi[:, 0], q[:, i])
     assert torch.equal(k1, caches[0][0]) and torch.equal(v1, caches[0][1])
+
+
+@pytest.mark.parametrize("kv_mode", [0, 1, 2])
+def test_qkv_rope_cache_gemma4_modes(kv_mode):
+    """Gemma 4: v RMS-normed without a scale; K as V (kv_mode 1); a KV-shared layer's
+    q-only step (kv_mode 2) writes nothing. Native == reference, one row == many."""
+    g = _gen(23)
+    B, N, H, Hkv, D, C = 2, 4, 4, 2, 64, 16
+    width = (H + (2 * Hkv if kv_mode == 0 else Hkv if kv_mode == 1 else 0)) * D
+    qkv = torch.randn(B, N, width, generator=g) * 3
+    positions = torch.tensor([[2, 3, 4, 5], [9, 10, 11, 12]])
+    qn, kn = torch.randn(D, generator=g) * 0.1 + 1, torch.randn(D, generator=g) * 0.1 + 1
+    inv = torch.cat([1.0 / (1e6 ** (torch.arange(0, D // 4, 2).float() / D)), torch.zeros(D // 2 - D // 8)])
+    caches = [(torch.full((B, C, Hkv, D), 7.0), torch.full((B, C, Hkv, D), 7.0)) for _ in range(2)]
+    q = K.qkv_rope_cache(qkv, positions, H, Hkv, qn, kn, 1e-6, 0.0, inv, *caches[0], kv_mode, True)
+    q_ref = K.reference_qkv_rope_cache(qkv, positions, H, Hkv, qn, kn, 1e-6, 0.0, inv, *caches[1], kv_mode, True)
+    torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-5)
+    for got, ref in zip(caches[0], caches[1]):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    k, v = caches[0]
+    if kv_mode == 2:
+        assert (k == 7).all() and (v == 7).all()
+    else:
+        written = v[1, 9:13]
+        torch.testing.assert_close(written.pow(2).mean(-1), torch.ones(N, Hkv), rtol=1e-4, atol=1e-4)  # unscaled
+        raw_k = qkv[1, :, H * D:(H + Hkv) * D].reshape(N, Hkv, D)
+        if kv_mode == 1:  # V is the raw K, normed
+            torch.testing.assert_close(written, raw_k * torch.rsqrt(raw_k.pow(2).mean(-1, keepdim=True) + 1e-6))
+    k1, v1 = torch.full_like(k, 7.0), torch.full_like(v, 7.0)
+    for i in range(N):
+        qi = K.qkv_rope_cache(qkv[:, i:i + 1], positions[:, i:i + 1], H, Hkv, qn, kn, 1e-6, 0.0, inv, k1, v1,
+                              kv_mode, True)
+        assert torch.equal(qi[:, 0], q[:, i])
+    assert torch.equal(k1, k) and torch.equal(v1, v)
+
+
+def test_softcap_matches_tanh_and_is_position_invariant():
+    g = _gen(29)
+    V = 262_144  # Gemma's vocabulary: above torch's grain size, so its tanh would chunk by thread
+    x = torch.randn(5, V, generator=g) * 40
+    ref = K.reference_softcap(x, 30.0)
+    got = K.softcap(x.clone(), 30.0)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    assert got.abs().max() <= 30.0
+    for n in range(1, 6):  # a row's bits do not depend on how many rows share the call, nor threads
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            try:
+                assert torch.equal(K.softcap(x[:n].clone(), 30.0), got[:n])
+            finally:
+                torch.set_num_threads(2)
+    odd = torch.randn(3, 13, generator=g) * 50  # a zero-padded tail takes the same lane arithmetic
+    assert torch.equal(K.softcap(odd.clone(), 30.0)[1], K.softcap(odd[1:2].clone(), 30.0)[0])

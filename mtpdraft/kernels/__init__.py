@@ -129,20 +129,29 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor)
 
 
 def reference_qkv_rope_cache(qkv, positions, heads, kv_heads, q_norm, k_norm, eps, offset, inv_freq,
-                             k_cache, v_cache):
+                             k_cache, v_cache, kv_mode: int = 0, v_norm: bool = False):
     from ..cache import LayerCache
 
     B, N, _ = qkv.shape
     D = k_cache.shape[-1]
-    q, k, v = qkv.split([heads * D, kv_heads * D, kv_heads * D], dim=-1)
-    q, k, v = q.reshape(B, N, heads, D), k.reshape(B, N, kv_heads, D), v.reshape(B, N, kv_heads, D)
+    q = qkv[..., :heads * D].reshape(B, N, heads, D)
     if q_norm is not None:
         q = reference_rmsnorm(q, q_norm, eps, offset)
+    q = apply_rope(q, positions, inv_freq)
+    if kv_mode == 2:
+        return q
+    k = qkv[..., heads * D:(heads + kv_heads) * D].reshape(B, N, kv_heads, D)
+    v = k if kv_mode == 1 else qkv[..., (heads + kv_heads) * D:].reshape(B, N, kv_heads, D)
     if k_norm is not None:
         k = reference_rmsnorm(k, k_norm, eps, offset)
-    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    LayerCache(k_cache, v_cache, 0).write(k, v, positions)
+    if v_norm:
+        v = reference_rmsnorm(v, torch.ones(D), eps, 0.0)
+    LayerCache(k_cache, v_cache, 0).write(apply_rope(k, positions, inv_freq), v, positions)
     return q
+
+
+def reference_softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return cap * torch.tanh(x / cap)
 
 
 # ---------------------------------------------------------------------------
@@ -369,16 +378,29 @@ def gated_act(gu: torch.Tensor, act: str) -> torch.Tensor:
 
 
 def qkv_rope_cache(qkv, positions, heads: int, kv_heads: int, q_norm, k_norm, eps: float, offset: float,
-                   inv_freq, k_cache, v_cache) -> torch.Tensor:
+                   inv_freq, k_cache, v_cache, kv_mode: int = 0, v_norm: bool = False) -> torch.Tensor:
     """After the fused projection qkv [B, N, (H + 2 Hkv) D]: optional per-head q/k RMSNorm,
     rotate-half RoPE at `positions` [B, N], k and v written to the ring-buffer cache
-    (slot = position % C). Returns q [B, N, H, D]."""
+    (slot = position % C). Returns q [B, N, H, D]. kv_mode 1: qkv is [q | k] and v is
+    the raw k (K as V); 2: qkv is q alone and nothing is written. v_norm: v is
+    RMS-normed without a scale before it is cached."""
     mod = _native if _native is not None else _load()
     if mod and qkv.dtype == torch.float32 and qkv.device.type == "cpu":
         return mod.qkv_rope_cache(qkv, positions, heads, kv_heads, q_norm, k_norm, eps, offset, inv_freq,
-                                  k_cache, v_cache)
+                                  k_cache, v_cache, kv_mode, v_norm)
     return reference_qkv_rope_cache(qkv, positions, heads, kv_heads, q_norm, k_norm, eps, offset, inv_freq,
-                                    k_cache, v_cache)
+                                    k_cache, v_cache, kv_mode, v_norm)
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap) (in place where native): each element's bits are independent
+    of the row count and thread count by construction (torch.tanh chunks by element
+    count and threads and promises nothing about it)."""
+    mod = _native if _native is not None else _load()
+    if mod and x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() and not x.requires_grad:
+        mod.softcap_(x, cap)
+        return x
+    return reference_softcap(x, cap)
 
 
 # ---------------------------------------------------------------------------

@@ -899,13 +899,43 @@ torch::Tensor gated_act(torch::Tensor gu, int64_t act) {
   return y;
 }
 
+// In place: x = cap * tanh(x / cap), Gemma's final-logit softcap. Every element takes the
+// same 8-lane arithmetic (a zero-padded last chunk too), so an element's bits do not
+// depend on where a thread's chunk starts or on how many rows share the call by design
+// (torch's tanh splits by element count and threads and promises nothing about it).
+void softcap_(torch::Tensor x, double cap) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "softcap_: contiguous float32 input");
+  TORCH_CHECK(cap > 0, "softcap_: cap must be positive");
+  const int64_t n = x.numel(), chunks = (n + 7) / 8;
+  float* d = x.data_ptr<float>();
+  const __m256 c = _mm256_set1_ps(static_cast<float>(cap));
+  rows_parallel(chunks, 64, [&](int64_t c0, int64_t c1) {
+    for (int64_t i = c0; i < c1; ++i) {
+      float* p = d + i * 8;
+      const int64_t m = std::min<int64_t>(8, n - i * 8);
+      if (m == 8) {
+        _mm256_storeu_ps(p, _mm256_mul_ps(c, tanh8(_mm256_div_ps(_mm256_loadu_ps(p), c))));
+      } else {
+        alignas(32) float b[8] = {0};
+        for (int64_t t = 0; t < m; ++t) b[t] = p[t];
+        _mm256_store_ps(b, _mm256_mul_ps(c, tanh8(_mm256_div_ps(_mm256_load_ps(b), c))));
+        for (int64_t t = 0; t < m; ++t) p[t] = b[t];
+      }
+    }
+  });
+}
+
 // After the fused q/k/v projection: optional per-head RMSNorm of q and k, rotate-half
 // RoPE at each row's position, and the write of k and v into the ring-buffer cache
-// (slot = position % C).  qkv: [B, N, (H + 2 Hkv) * D] fp32; returns q [B, N, H, D].
+// (slot = position % C).  qkv: [B, N, W] fp32; returns q [B, N, H, D].
+// kv_mode 0: qkv = [q | k | v], W = (H + 2 Hkv) D; 1: qkv = [q | k] and v is the raw k
+// (Gemma 4's K-as-V); 2: qkv = q only, nothing written (a layer reading another's cache).
+// v_norm: v is RMS-normed without a scale before the write (Gemma 4).
 torch::Tensor qkv_rope_cache(torch::Tensor qkv, torch::Tensor positions, int64_t H, int64_t Hkv,
                              c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm,
                              double eps, double offset, torch::Tensor inv_freq, torch::Tensor k_cache,
-                             torch::Tensor v_cache) {
+                             torch::Tensor v_cache, int64_t kv_mode, bool v_norm) {
+  TORCH_CHECK(kv_mode >= 0 && kv_mode <= 2, "qkv_rope_cache: kv_mode must be 0, 1 or 2");
   TORCH_CHECK(qkv.dim() == 3 && qkv.scalar_type() == at::kFloat, "qkv_rope_cache: qkv must be [B, N, F] float32");
   TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.dim() == 1, "qkv_rope_cache: inv_freq fp32 [D/2]");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
@@ -917,7 +947,8 @@ torch::Tensor qkv_rope_cache(torch::Tensor qkv, torch::Tensor positions, int64_t
   positions = positions.to(at::kLong).contiguous();
   const int64_t B = qkv.size(0), N = qkv.size(1), D = k_cache.size(3), C = k_cache.size(1);
   TORCH_CHECK(k_cache.size(0) == B && k_cache.size(2) == Hkv, "qkv_rope_cache: cache shape mismatch");
-  TORCH_CHECK(qkv.size(2) == (H + 2 * Hkv) * D, "qkv_rope_cache: qkv width != (H + 2 Hkv) * D");
+  const int64_t F = (H + (kv_mode == 0 ? 2 * Hkv : kv_mode == 1 ? Hkv : 0)) * D, half = D / 2;
+  TORCH_CHECK(qkv.size(2) == F, "qkv_rope_cache: qkv width ", qkv.size(2), " != ", F, " for kv_mode ", kv_mode);
   TORCH_CHECK(D % 2 == 0 && inv_freq.size(0) == D / 2, "qkv_rope_cache: inv_freq must have D/2 entries");
   TORCH_CHECK(positions.dim() == 2 && positions.size(0) == B && positions.size(1) == N,
               "qkv_rope_cache: positions must be [B, N]");
@@ -932,9 +963,9 @@ torch::Tensor qkv_rope_cache(torch::Tensor qkv, torch::Tensor positions, int64_t
   const float* inv = inv_freq.data_ptr<float>();
   const int64_t* pos = positions.data_ptr<int64_t>();
   float* qd = q.data_ptr<float>();
-  const int64_t F = (H + 2 * Hkv) * D, half = D / 2;
+  const std::vector<float> ones(D, 1.0f);
   rows_parallel(B * N, 4 * F, [&](int64_t r0, int64_t r1) {
-    std::vector<float> cs(D), sn(D), tmp(D), kbuf(D);
+    std::vector<float> cs(D), sn(D), tmp(D), kbuf(D), vbuf(D);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / N, p = pos[r];
       // HF: freqs = float(p) * inv_freq; emb = cat(freqs, freqs); cos/sin in fp32
@@ -954,11 +985,16 @@ torch::Tensor qkv_rope_cache(torch::Tensor qkv, torch::Tensor positions, int64_t
         for (int64_t i = half; i < D; ++i) out[i] = x[i] * cs[i] + x[i - half] * sn[i];
       };
       for (int64_t h = 0; h < H; ++h) rope_head(row + h * D, q_norm, qd + r * H * D + h * D);
+      if (kv_mode == 2) continue;
       const int64_t slot = p % C;
       for (int64_t h = 0; h < Hkv; ++h) {
         float* kb = kbuf.data();
         rope_head(row + (H + h) * D, k_norm, kb);
-        const float* vr = row + (H + Hkv + h) * D;
+        const float* vr = row + (kv_mode == 1 ? H + h : H + Hkv + h) * D;
+        if (v_norm) {
+          rmsnorm_row<float>(vr, ones.data(), vbuf.data(), D, e, 0.0f);
+          vr = vbuf.data();
+        }
         const int64_t off_c = ((b * C + slot) * Hkv + h) * D;
         if (cbf) {
           uint16_t* kc = reinterpret_cast<uint16_t*>(k_cache.data_ptr<at::BFloat16>()) + off_c;
@@ -1044,5 +1080,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rmsnorm", &rmsnorm, "row-wise RMSNorm");
   m.def("add_rmsnorm", &add_rmsnorm, "x' = x + (post-norm of) h; y = rmsnorm(x')");
   m.def("gated_act", &gated_act, "act(gate) * up");
+  m.def("softcap_", &softcap_, "in place: x = cap * tanh(x / cap)");
   m.def("qkv_rope_cache", &qkv_rope_cache, "q/k norm, RoPE and cache write after the fused qkv projection");
 }

@@ -76,7 +76,7 @@ class CausalLM(nn.Module):
         """Final-normed hidden [..., D] -> logits [..., V] fp32."""
         out = linear(hidden, self._head if self._head is not None else self.head_weight)
         cap = self.args.final_logit_softcapping
-        return cap * torch.tanh(out / cap) if cap else out
+        return kernels.softcap(out, cap) if cap else out
 
     def layer_windows(self) -> list[int]:
         return [blk.self_attn.window for blk in self.model.layers]

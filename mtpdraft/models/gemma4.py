@@ -21,8 +21,7 @@ from torch import nn
 from ..cache import KVCache, LayerCache
 from .. import kernels
 from ..kernels import attention
-from ..kernels import apply_rope
-from ..layers import GatedMLP, Linear, RMSNorm, linear
+from ..layers import GatedMLP, Linear, RMSNorm, fuse_weights, linear
 from .base import CausalLM
 
 
@@ -139,11 +138,6 @@ def rope_inv_freq(params: dict, head_dim: int) -> torch.Tensor:
     return inv / factor
 
 
-def rms_norm_plain(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm without a scale (Gemma 4's v_norm and router norm)."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
 def gelu_gated(gate_up: torch.Tensor) -> torch.Tensor:
     """gelu(gate) * up for gate_up = [gate | up] on the last dim, through the native
     kernel: its bits per row do not depend on the row count. (torch's gelu does not:
@@ -174,16 +168,35 @@ class Attention(nn.Module):
             if not self.k_eq_v:
                 self.v_proj = Linear(a.hidden_size, self.kv_heads * self.head_dim)
             self.k_norm = RMSNorm(self.head_dim, a.rms_norm_eps)
+        # what the projection holds, for the native q/k/v step: 0 q|k|v, 1 q|k (K as V), 2 q only
+        self.kv_mode = 2 if self.kv_source is not None else 1 if self.k_eq_v else 0
         self.register_buffer("inv_freq", rope_inv_freq(a.rope_parameters[t], self.head_dim), persistent=False)
+        self.qkv = None  # the fused projection, set by fuse()
+
+    def projections(self) -> list[Linear]:
+        if self.kv_mode == 2:
+            return [self.q_proj]
+        return [self.q_proj, self.k_proj] + ([self.v_proj] if self.kv_mode == 0 else [])
+
+    def fuse(self) -> None:
+        """One (packed) weight for the layer's projections, as the shared Attention does."""
+        parts = self.projections()
+        self.qkv = kernels.pack(fuse_weights(*parts)) if len(parts) > 1 else None
+        for m in parts if self.qkv is None else []:
+            m.pack()
+        self.o_proj.pack()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         B, N, _ = x.shape
-        q = apply_rope(self.q_norm(self.q_proj(x).view(B, N, self.heads, self.head_dim)), positions, self.inv_freq)
-        if self.kv_source is None:
-            k_raw = self.k_proj(x).view(B, N, self.kv_heads, self.head_dim)
-            v = k_raw if self.k_eq_v else self.v_proj(x).view(B, N, self.kv_heads, self.head_dim)
-            k = apply_rope(self.k_norm(k_raw), positions, self.inv_freq)
-            cache.write(k, rms_norm_plain(v, self.eps), positions)
+        if self.qkv is not None:
+            qkv = linear(x, self.qkv)
+        else:
+            qkv = torch.cat([m(x) for m in self.projections()], dim=-1)
+        # q/k norms, RoPE, V's unscaled norm and the cache write in one native call, per
+        # row (torch's cos/sin would round by chunk, so by row count and threads)
+        kn = self.k_norm.weight if self.kv_mode != 2 else None
+        q = kernels.qkv_rope_cache(qkv, positions, self.heads, self.kv_heads, self.q_norm.weight, kn, self.eps,
+                                   0.0, self.inv_freq, cache.k, cache.v, self.kv_mode, True)
         out = attention(q, cache.k, cache.v, positions, window=self.window, scale=self.scale)
         return self.o_proj(out.reshape(B, N, self.heads * self.head_dim))
 
@@ -205,7 +218,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, D] -> (weights [T, k], expert ids [T, k])."""
-        probs = torch.softmax(self.proj(rms_norm_plain(x, self.eps) * self.scale * self.root), dim=-1)
+        # norm(x) * scale: the row-wise native RMSNorm (the unscaled norm times `scale`)
+        probs = torch.softmax(self.proj(kernels.rmsnorm(x, self.scale, self.eps) * self.root), dim=-1)
         w, idx = probs.topk(self.top_k, dim=-1)
         w = w / w.sum(-1, keepdim=True)
         return w * self.per_expert_scale[idx], idx
@@ -255,6 +269,11 @@ class Block(nn.Module):
             self.pre_feedforward_layernorm_2 = norm()
             self.post_feedforward_layernorm_2 = norm()
 
+    def fuse(self) -> None:  # attention and MLP fuse themselves; the PLE projections stream packed
+        if self.ple:
+            self.per_layer_input_gate.pack()
+            self.per_layer_projection.pack()
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache,
                 per_layer_input: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, cache))
@@ -290,6 +309,7 @@ class Model(CausalLM):
         self.embed_scale = float(torch.tensor(self.args.hidden_size ** 0.5).to(dtype))
         if self.args.hidden_size_per_layer_input:
             self.ple_scale = float(torch.tensor(self.args.hidden_size_per_layer_input ** 0.5).to(dtype))
+            self.model.per_layer_model_projection.pack()
 
     def per_layer_inputs(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         """PLE: [B, N, L, P] = (norm(proj(x) / sqrt(D)) + ple_table[token] * sqrt(P)) / sqrt(2)."""
