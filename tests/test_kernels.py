@@ -310,12 +310,13 @@ def test_softcap_matches_tanh_and_is_position_invariant():
     got = K.softcap(x.clone(), 30.0)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
     assert got.abs().max() <= 30.0
-    for n in range(1, 6):  # a row's bits do not depend on how many rows share the call, nor threads
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            try:
+    old = torch.get_num_threads()
+    try:
+        for n in range(1, 6):  # a row's bits do not depend on how many rows share the call, nor threads
+            for t in (1, 2, 3):
+                torch.set_num_threads(t)
                 assert torch.equal(K.softcap(x[:n].clone(), 30.0), got[:n])
-            finally:
-                torch.set_num_threads(2)
+    finally:
+        torch.set_num_threads(old)
     odd = torch.randn(3, 13, generator=g) * 50  # a zero-padded tail takes the same lane arithmetic
     assert torch.equal(K.softcap(odd.clone(), 30.0)[1], K.softcap(odd[1:2].clone(), 30.0)[0])

@@ -181,9 +181,10 @@ class Attention(nn.Module):
     def fuse(self) -> None:
         """One (packed) weight for the layer's projections, as the shared Attention does."""
         parts = self.projections()
-        self.qkv = kernels.pack(fuse_weights(*parts)) if len(parts) > 1 else None
-        for m in parts if self.qkv is None else []:
-            m.pack()
+        if len(parts) > 1:
+            self.qkv = kernels.pack(fuse_weights(*parts))
+        else:  # a KV-shared layer: q alone
+            self.q_proj.pack()
         self.o_proj.pack()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
