@@ -686,7 +686,7 @@ def test_disconnects_free_their_rows(slow_srv):
 def test_a_failing_row_fails_alone(slow_srv, ref, monkeypatch):
     """One row fails in verification, another makes the batched forward raise: both get a
     500, their batch-mates finish with exactly their single-request tokens."""
-    import mtpdraft.serve.engine as engine_mod
+    import mtpdraft.decoding.step as engine_mod
 
     s = slow_srv
     verify, forward = engine_mod.verify, s.engine.model.forward

@@ -49,13 +49,19 @@ def test_training_forward_equals_inference_steps(tiny, one_thread, layer_types):
     dr = _randomized(model, layer_types)
     g = torch.Generator().manual_seed(3)
     seq = torch.randint(4, 300, (30,), generator=g).tolist()  # longer than the sliding window (8)
-    layers = sorted(set(source_layers(dr, model)))
+    layers = sorted(set(source_layers(layer_types, model)))
+    assert dr.source_layers(model) == source_layers(layer_types, model)
     f = compute_features(model, [dict(tokens=seq, prompt_len=1)], layers, dtype=torch.float32)
     b = f.batch([0])
-    kv = [b["kv"][layers.index(i)] for i in source_layers(dr, model)]
+    kv = [b["kv"][layers.index(i)] for i in dr.source_layers(model)]
     k = 3
-    with torch.no_grad():
-        outs = unrolled(dr, model, b["tokens"], b["hidden"], kv, k)
+    for p in dr.parameters():
+        p.requires_grad_(p.is_floating_point())
+    outs = unrolled(dr, model, b["tokens"], b["hidden"], kv, k)  # autograd on: the differentiable path
+    assert outs[-1][1].requires_grad
+    for p in dr.parameters():
+        p.requires_grad_(False)
+    outs = [(x.detach(), h.detach()) for x, h in outs]
     for p in [0, 4, 9, 17, 26]:
         cache = model.new_cache(1, 64, 64)
         out = model(torch.tensor([seq[:p + 1]]), cache, logits="none")

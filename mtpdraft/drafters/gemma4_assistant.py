@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import kernels
 from ..kernels import apply_rope
 from ..layers import Linear, RMSNorm
 from ..models import gemma4, load_safetensors_dir
@@ -44,17 +43,15 @@ class DraftAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, c.rms_norm_eps)
         self.o_proj = Linear(c.num_attention_heads * head_dim, c.hidden_size)
 
-    def forward(self, x, positions, src):
-        """positions: [B, 1], the last verified position; the query sits one past it."""
-        attn, cache = src
-        B = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(B, 1, self.heads, self.head_dim))
-        q = apply_rope(q, positions + 1, attn.inv_freq)
+    def forward(self, x, positions, src, attend):
+        """positions: [B, T], the last verified position; the query sits one past it."""
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim))
+        q = apply_rope(q, positions + 1, src.inv_freq)
         # Keys: the verified positions <= p; a sliding layer sees W + 1 of them (p-W..p),
         # W the assistant's own text_config.sliding_window (normally the target's), as
         # transformers' assistant mask does (measured: W or W-1 keys differ by ~1e-2).
-        out = kernels.attention(q, cache.k, cache.v, positions, window=self.window, scale=attn.scale)
-        return self.o_proj(out.reshape(B, 1, -1))
+        return self.o_proj(attend(q, self.window).reshape(B, T, -1))
 
 
 class DraftLayer(nn.Module):
@@ -68,8 +65,8 @@ class DraftLayer(nn.Module):
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
         self.layer_scalar = nn.Parameter(torch.ones(1), requires_grad=False)
 
-    def forward(self, x, positions, src):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, src))
+    def forward(self, x, positions, src, attend):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, src, attend))
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x * self.layer_scalar
 

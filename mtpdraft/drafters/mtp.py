@@ -13,6 +13,7 @@ Names and shapes follow the gemma4_assistant checkpoint layout.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import kernels
-from ..kernels import apply_rope
+from ..kernels import apply_rope, reference_rmsnorm
 from ..kernels.quant import PANEL, permute_rows
 from ..decoding.verify import sample, target_probs
 from ..layers import Linear, RMSNorm, linear
@@ -71,6 +72,25 @@ class MTPConfig:
         return len(self.layer_types)
 
 
+def _lin(x: torch.Tensor, m: Linear) -> torch.Tensor:
+    """Drafting: the runtime's kernels. With autograd on (training): plain differentiable torch."""
+    if torch.is_grad_enabled():
+        return F.linear(x, m.weight if m.weight.dtype == x.dtype else m.weight.to(x.dtype))
+    return m(x)
+
+
+def _norm(x: torch.Tensor, m: RMSNorm) -> torch.Tensor:
+    return reference_rmsnorm(x, m.weight, m.eps, m.offset) if torch.is_grad_enabled() else m(x)
+
+
+def source_layers(layer_types: list[str], target: CausalLM) -> list[int]:
+    """For each drafter layer type, the target layer whose K/V it reads: the last one of its type."""
+    windows = target.layer_windows()
+    last_full = max((i for i, w in enumerate(windows) if w == 0), default=len(windows) - 1)
+    last_slide = max((i for i, w in enumerate(windows) if w > 0), default=last_full)
+    return [last_slide if t == "sliding_attention" else last_full for t in layer_types]
+
+
 class DraftAttention(nn.Module):
     def __init__(self, c: MTPConfig):
         super().__init__()
@@ -79,15 +99,14 @@ class DraftAttention(nn.Module):
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, offset=1.0)
         self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size)
 
-    def forward(self, x, positions, src):
-        """x: [B, 1, d]; positions: [B, 1]; src: the target's Attention module whose
-        cache is read (its rope frequencies, window and scale apply)."""
-        attn, cache = src
-        B = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(B, 1, self.heads, self.head_dim))
-        q = apply_rope(q, positions, attn.inv_freq)
-        out = kernels.attention(q, cache.k, cache.v, positions, window=attn.window, scale=attn.scale)
-        return self.o_proj(out.reshape(B, 1, -1))
+    def forward(self, x, positions, src, attend):
+        """x: [B, T, d]; positions: [B, T], each query's position; src: the target's
+        Attention whose K/V are read (its RoPE frequencies and window apply);
+        attend(q, window) -> [B, T, H, Dh]: the queries' attention over those K/V."""
+        B, T, _ = x.shape
+        q = _norm(_lin(x, self.q_proj).view(B, T, self.heads, self.head_dim), self.q_norm)
+        out = attend(apply_rope(q, positions, src.inv_freq), src.window)
+        return _lin(out.reshape(B, T, -1), self.o_proj)
 
 
 class DraftLayer(nn.Module):
@@ -103,11 +122,13 @@ class DraftLayer(nn.Module):
         self.input_layernorm, self.post_attention_layernorm = norm(), norm()
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
 
-    def forward(self, x, positions, src):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, src))
-        h = self.pre_feedforward_layernorm(x)
-        m = self.mlp.down_proj(F.gelu(self.mlp.gate_proj(h), approximate="tanh") * self.mlp.up_proj(h))
-        return x + self.post_feedforward_layernorm(m)
+    def forward(self, x, positions, src, attend):
+        a = self.self_attn(_norm(x, self.input_layernorm), positions, src, attend)
+        x = x + _norm(a, self.post_attention_layernorm)
+        h = _norm(x, self.pre_feedforward_layernorm)
+        mlp = self.mlp
+        m = _lin(F.gelu(_lin(h, mlp.gate_proj), approximate="tanh") * _lin(h, mlp.up_proj), mlp.down_proj)
+        return x + _norm(m, self.post_feedforward_layernorm)
 
 
 class MTPDrafter(nn.Module):
@@ -191,24 +212,39 @@ class MTPDrafter(nn.Module):
                 raise ValueError(f"drafter does not match the target: {what} {mine} != {theirs}")
 
     # -- one drafting step ---------------------------------------------------------------
+    def source_layers(self, target: CausalLM) -> list[int]:
+        return source_layers([layer.layer_type for layer in self.model.layers], target)
+
     def sources(self, target: CausalLM, cache) -> list[tuple]:
-        """For each drafter layer, the target layer whose K/V it reads: the last one of its type."""
-        windows = target.layer_windows()
-        last_full = max((i for i, w in enumerate(windows) if w == 0), default=len(windows) - 1)
-        last_slide = max((i for i, w in enumerate(windows) if w > 0), default=last_full)
-        out = []
-        for layer in self.model.layers:
-            i = last_slide if layer.layer_type == "sliding_attention" else last_full
-            out.append((target.model.layers[i].self_attn, cache.layers[i]))
-        return out
+        """For each drafter layer, (the target's Attention, its LayerCache) whose K/V it reads."""
+        return [(target.model.layers[i].self_attn, cache.layers[i]) for i in self.source_layers(target)]
+
+    def states(self, target: CausalLM, tokens: torch.Tensor, h: torch.Tensor, positions: torch.Tensor,
+               srcs: list, attend):
+        """The drafter's body, one forward for drafting and training: [B, T] steps at once
+        (T = 1 when drafting; every position of a sequence in training, differentiable).
+
+        tokens: [B, T]; h: [B, T, D] the incoming target-width state; positions: [B, T];
+        srcs: per drafter layer, the target Attention it reads; attend(j, q, window) ->
+        [B, T, H, Dh]: drafter layer j's attention. Returns (x [B, T, d] after the final
+        norm, h' [B, T, D])."""
+        with torch.no_grad():
+            e = target.embed(tokens)
+        x = _lin(torch.cat([e, h.float()], -1), self.pre_projection)
+        for j, (layer, src) in enumerate(zip(self.model.layers, srcs)):
+            x = layer(x, positions, src, functools.partial(attend, j))
+        x = _norm(x, self.model.norm)
+        return x, _lin(x, self.post_projection)
 
     def step(self, target: CausalLM, tokens: torch.Tensor, h: torch.Tensor, positions: torch.Tensor, srcs):
-        """tokens: [B]; h: [B, D]; positions: [B, 1]. Returns (ids [B, M] or None, logits [B, M or V], h' [B, D])."""
-        x = linear(torch.cat([target.embed(tokens[:, None]), h[:, None].float()], -1), self.pre_projection.weight)
-        for layer, src in zip(self.model.layers, srcs):
-            x = layer(x, positions, src)
-        x = self.model.norm(x)[:, 0]  # [B, d]
-        h_next = self.post_projection(x)
+        """tokens: [B]; h: [B, D]; positions: [B, 1]; srcs: sources(). Returns (ids [B, M]
+        or None, logits [B, M or V], h' [B, D])."""
+        def attend(j, q, window):  # the target's cached K/V up to the last verified position
+            attn, layer_cache = srcs[j]
+            return kernels.attention(q, layer_cache.k, layer_cache.v, positions, window=window, scale=attn.scale)
+
+        x, h_next = self.states(target, tokens[:, None], h[:, None], positions, [a for a, _ in srcs], attend)
+        x, h_next = x[:, 0], h_next[:, 0]  # [B, d], [B, D]
         table = self.output_table(target)
         y = h_next if self.config.tie_output_to_target else x
         if not self.config.use_ordered_embeddings:

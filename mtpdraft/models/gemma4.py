@@ -329,18 +329,11 @@ class Model(CausalLM):
     def new_cache(self, batch: int = 1, max_len: int | None = None, max_chunk: int = 256) -> KVCache:
         # Per-layer shapes (full layers may have another head_dim / KV heads); a KV-shared
         # layer gets the very LayerCache of its source, so it reads what the source wrote.
-        max_len = min(max_len or 8192, self.args.max_position_embeddings)
-        layers: list[LayerCache] = []
-        for blk in self.model.layers:
-            at = blk.self_attn
-            if at.kv_source is not None:
-                layers.append(layers[at.kv_source])
-                continue
-            cap = max_len if at.window == 0 else min(max_len, at.window + max_chunk)
-            shape = (batch, cap, at.kv_heads, at.head_dim)
-            layers.append(LayerCache(torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype),
-                                     at.window))
-        return KVCache(layers, max_len, max_chunk)
+        ats = [blk.self_attn for blk in self.model.layers]
+        return KVCache.allocate(batch=batch, windows=[at.window for at in ats],
+                                num_kv_heads=[at.kv_heads for at in ats], head_dim=[at.head_dim for at in ats],
+                                max_len=min(max_len or 8192, self.args.max_position_embeddings),
+                                max_chunk=max_chunk, dtype=self.dtype, shared=[at.kv_source for at in ats])
 
 
 _MULTIMODAL = ("vision_tower", "audio_tower", "embed_vision", "embed_audio", "multi_modal_projector")

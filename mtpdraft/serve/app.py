@@ -453,7 +453,7 @@ def create_app(engine: BatchEngine, model_id: str, *, default_max_tokens: int = 
 def ext(gr: GenRequest, info: dict) -> dict:
     """The `mtpdraft` extension of a response: the request's decoding statistics."""
     d = info["stats"].as_dict()
-    d.update(token_ids=info["token_ids"], finish_reason=info["finish_reason"], speculative=gr.drafter is not None)
+    d.update(token_ids=info["token_ids"], finish_reason=info["finish_reason"], speculative=gr.row is not None and gr.row.drafter is not None)
     return d
 
 

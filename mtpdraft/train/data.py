@@ -1,9 +1,9 @@
 """Stage 1: sequences written by the target itself.
 
-Prompts are tokenized (BOS first), each row is prefilled alone on a B=1 view of
-its row of one shared batch cache (as the server admits requests), then all rows
-decode together, one [B, 1] target forward per step. Rows may have different
-prompt lengths: positions and attention are per row. Greedy rows take the
+Prompts are tokenized (BOS first) and decoded through the shared decoding step
+(as the server decodes requests): each row is prefilled alone on its row of one
+batch cache, then all rows decode together, one [B, 1] target forward per step.
+Rows may have different prompt lengths: positions and attention are per row. Greedy rows take the
 target's argmax (the labels the drafter must learn); sampled rows (temperature
 > 0) add diversity and are labelled later by the target's argmax.
 """
@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .. import kernels
+from ..config import SamplingParams
+from ..decoding.step import Batch, Row
+from ..decoding.stops import StopChecker
 from ..models.base import CausalLM
 
 PROMPTS_FILE = Path(__file__).resolve().parent.parent / "data" / "train_prompts.jsonl"
@@ -60,51 +62,46 @@ class Job:
 
 
 @torch.inference_mode()
-def generate_batch(model: CausalLM, jobs: list[Job], eos_ids: set[int], fast_head: bool = False) -> list[list[int]]:
-    """Write one sequence per job (prompt + continuation, cut after the first EOS).
+def generate_batch(model: CausalLM, jobs: list[Job], eos_ids: set[int], max_rows: int | None = None) -> list[list[int]]:
+    """Write one sequence per job (prompt + continuation, ending after the first EOS
+    or after its new_tokens), in the jobs' order.
 
-    All rows decode in lock-step for max(new_tokens) steps; a row stops being
-    extended once it has its tokens or wrote EOS (its later tokens are dropped).
-    fast_head: argmax of a bf16 x bf16 head (oneDNN) instead of the runtime's
-    fp32-activation kernels; only for throughput experiments, the default keeps
-    the exact decoding numerics.
+    The rows go through the shared decoding step (`decoding.step.Batch`), at most
+    `max_rows` at a time (default: all): each is prefilled alone, all decode together
+    one position per forward, and a finished row's cache row takes the next job.
     """
-    B = len(jobs)
-    steps = max(j.new_tokens for j in jobs)
-    max_len = max(len(j.prompt) for j in jobs) + steps + 1
-    cache = model.new_cache(B, max_len, max_chunk=max(64, min(512, max(len(j.prompt) for j in jobs))))
-    gens = [torch.Generator().manual_seed(j.seed) for j in jobs]
-    seqs = [list(j.prompt) for j in jobs]
-    last = torch.empty(B, 1, dtype=torch.long)
+    if not jobs:
+        return []
+    max_rows = min(len(jobs), max_rows or len(jobs))
+    batch = Batch(model, max_rows, max(len(j.prompt) + j.new_tokens for j in jobs) + 1)
+    greedy = {}  # row -> its greedy settings, once its sampled tokens are written
+    todo, job_of, seqs = list(enumerate(jobs)), {}, [None] * len(jobs)
 
-    def pick(i: int, logits: torch.Tensor) -> int:
-        j = jobs[i]
-        n = len(seqs[i]) - len(j.prompt)  # index of the token being chosen
-        if j.temperature <= 0 or j.sample_first == 0 or 0 < j.sample_first <= n:
-            return int(logits.argmax())
-        probs = torch.softmax(logits.float() / j.temperature, -1)
-        return int(torch.multinomial(probs, 1, generator=gens[i]))
+    def finish(row: Row) -> None:
+        seqs[job_of.pop(row)] = row.tokens
+        batch.release(row)
 
-    head = kernels.dense(model.head_weight).to(torch.bfloat16) if fast_head else None
-    for i, j in enumerate(jobs):  # per-row prefill on the B=1 view of row i
-        view = cache.rows(i, i + 1)
-        out = model.prefill(torch.tensor([j.prompt]), view)
-        cache.lengths[i] = view.lengths[0]
-        last[i, 0] = pick(i, out.logits[0, -1])
-    done = [False] * B
-    for s in range(steps):
-        for i in range(B):
-            if not done[i]:
-                seqs[i].append(int(last[i, 0]))
-                if int(last[i, 0]) in eos_ids or len(seqs[i]) - len(jobs[i].prompt) >= jobs[i].new_tokens:
-                    done[i] = True
-        if all(done) or s == steps - 1:
-            break
-        if fast_head:
-            h = model(last, cache, logits="none").hidden[:, 0]
-            logits = torch.nn.functional.linear(h.to(torch.bfloat16), head).float()
-        else:
-            logits = model(last, cache, logits="all").logits[:, 0]
-        for i in range(B):
-            last[i, 0] = pick(i, logits[i])
+    while todo or batch.rows:
+        while todo and len(batch.rows) < max_rows:
+            i, j = todo.pop(0)
+            stop_sp = SamplingParams(max_new_tokens=j.new_tokens)
+            sampled = j.temperature > 0 and j.sample_first != 0
+            sp = SamplingParams(max_new_tokens=j.new_tokens, temperature=j.temperature, seed=j.seed) if sampled else stop_sp
+            row = Row(list(j.prompt), sp, StopChecker(stop_sp, eos_ids), batch.cache.max_len)
+            job_of[row] = i
+            if j.sample_first > 0:
+                greedy[row] = (j.sample_first, stop_sp)
+            batch.admit(row)
+            if row.done:
+                finish(row)
+        for row in batch.rows:  # the first sample_first tokens sampled, the rest the target's argmax
+            if row in greedy and len(row.stopper.ids) >= greedy[row][0]:
+                row.sp = greedy.pop(row)[1]
+        if not batch.rows:
+            continue
+        for e in batch.step().rows:
+            if e.error is not None:
+                raise e.error
+            if e.row.done:
+                finish(e.row)
     return seqs

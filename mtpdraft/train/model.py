@@ -2,8 +2,8 @@
 
 Inference (`MTPDrafter.step`) drafts for ONE last-verified position p at a time,
 through the non-differentiable batch-invariant kernels. Training runs the same
-arithmetic with plain torch ops for EVERY position p of a stored sequence at
-once: the query of row p sits at RoPE position p and attends to the target's
+forward (`MTPDrafter.states`, which switches to plain torch ops when autograd is
+on) for EVERY position p of a stored sequence at once: the query of row p sits at RoPE position p and attends to the target's
 cached K/V of positions <= p (and > p - window on sliding layers), which is
 exactly causal self-attention between the rows' queries and the sequence's
 stored K/V. Step j of row p reads the true token t_{p+j} and the drafter's own
@@ -15,23 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..drafters.mtp import MTPConfig, MTPDrafter
-from ..kernels import apply_rope, reference_rmsnorm
+from ..drafters.mtp import MTPConfig, MTPDrafter, source_layers
 from ..models.base import CausalLM
 
-
-def source_layers(drafter: MTPDrafter | list[str], target: CausalLM) -> list[int]:
-    """Index of the target layer whose K/V each drafter layer reads (as MTPDrafter.sources).
-    drafter: a drafter or its layer_types."""
-    types = drafter if isinstance(drafter, list) else [l.layer_type for l in drafter.model.layers]
-    windows = target.layer_windows()
-    last_full = max((i for i, w in enumerate(windows) if w == 0), default=len(windows) - 1)
-    last_slide = max((i for i, w in enumerate(windows) if w > 0), default=last_full)
-    return [last_slide if t == "sliding_attention" else last_full for t in types]
-
-
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return reference_rmsnorm(x, w, eps, offset=1.0)  # differentiable: plain torch ops
+__all__ = ["source_layers", "unrolled", "draft_step", "head_loss", "inference_correct", "new_drafter"]
 
 
 def _lin(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -49,40 +36,32 @@ def attention_mask(T: int, window: int) -> torch.Tensor:
 
 
 def draft_step(drafter: MTPDrafter, target: CausalLM, tokens: torch.Tensor, h: torch.Tensor,
-               kv: list[tuple[torch.Tensor, torch.Tensor]], masks: list[torch.Tensor], positions: torch.Tensor):
-    """One drafting step for every row at once (differentiable).
+               kv: list[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor, masks: dict | None = None):
+    """One drafting step for every row at once: the inference drafter's own forward
+    (`MTPDrafter.states`, differentiable with autograd on), its attention over the
+    sequence's stored K/V as causal self-attention.
 
     tokens: [B, T] the step's input token per row; h: [B, T, D] the incoming hidden;
     kv: per drafter layer, the target's K, V [B, T, Hkv, Dh] of the sequence;
-    masks: per drafter layer, [T, T] bool; positions: [B, T] (row p sits at p).
+    positions: [B, T] (row p sits at p); masks: {window: [T, T] bool} (filled as needed).
     Returns (x [B, T, d] after the final norm, h' [B, T, D]).
     """
-    c = drafter.config
-    srcs = [target.model.layers[i].self_attn for i in source_layers(drafter, target)]
-    with torch.no_grad():
-        e = target.embed(tokens)
-    x = _lin(torch.cat([e, h], -1), drafter.pre_projection.weight)
-    B, T, _ = x.shape
-    for layer, src, (k, v), mask in zip(drafter.model.layers, srcs, kv, masks):
-        a = layer.self_attn
-        y = _rms(x, layer.input_layernorm.weight, c.rms_norm_eps)
-        q = _lin(y, a.q_proj.weight).view(B, T, a.heads, a.head_dim)
-        q = _rms(q, a.q_norm.weight, c.rms_norm_eps)
-        q = apply_rope(q, positions, src.inv_freq)
-        kk, vv = k.float(), v.float()
-        if a.heads != kk.shape[2]:
-            kk = kk.repeat_interleave(a.heads // kk.shape[2], dim=2)
-            vv = vv.repeat_interleave(a.heads // vv.shape[2], dim=2)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
-                                           attn_mask=mask, scale=src.scale)
-        o = _lin(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight)
-        x = x + _rms(o, layer.post_attention_layernorm.weight, c.rms_norm_eps)
-        y = _rms(x, layer.pre_feedforward_layernorm.weight, c.rms_norm_eps)
-        m = _lin(F.gelu(_lin(y, layer.mlp.gate_proj.weight), approximate="tanh") * _lin(y, layer.mlp.up_proj.weight),
-                 layer.mlp.down_proj.weight)
-        x = x + _rms(m, layer.post_feedforward_layernorm.weight, c.rms_norm_eps)
-    x = _rms(x, drafter.model.norm.weight, c.rms_norm_eps)
-    return x, _lin(x, drafter.post_projection.weight)
+    masks = {} if masks is None else masks
+    T = tokens.shape[1]
+
+    def attend(j, q, window):
+        k, v = (t.float() for t in kv[j])
+        if q.shape[2] != k.shape[2]:
+            k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+            v = v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)
+        if window not in masks:
+            masks[window] = attention_mask(T, window)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=masks[window], scale=srcs[j].scale)
+        return o.transpose(1, 2)
+
+    srcs = [target.model.layers[i].self_attn for i in drafter.source_layers(target)]
+    return drafter.states(target, tokens, h, positions, srcs, attend)
 
 
 def unrolled(drafter: MTPDrafter, target: CausalLM, seq: torch.Tensor, h0: torch.Tensor,
@@ -95,13 +74,11 @@ def unrolled(drafter: MTPDrafter, target: CausalLM, seq: torch.Tensor, h0: torch
     """
     B, T = seq.shape
     positions = torch.arange(T).expand(B, T)
-    srcs = [target.model.layers[i].self_attn for i in source_layers(drafter, target)]
-    masks = [attention_mask(T, s.window) for s in srcs]
-    pad = torch.zeros(B, steps, dtype=seq.dtype)
-    ext = torch.cat([seq, pad], 1)
+    masks: dict = {}
+    ext = torch.cat([seq, torch.zeros(B, steps, dtype=seq.dtype)], 1)
     h, outs = h0.float(), []
     for j in range(1, steps + 1):
-        x, h = draft_step(drafter, target, ext[:, j:j + T], h, kv, masks, positions)
+        x, h = draft_step(drafter, target, ext[:, j:j + T], h, kv, positions, masks)
         outs.append((x, h))
     return outs
 
