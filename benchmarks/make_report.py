@@ -50,6 +50,9 @@ def main():
         what = "the GGUF's own quantized blocks (default)" if dtype == "auto" else "bf16 weights"
         sections.append((f"Runtime, {what}: decode step vs the weight-read bound, forward over n positions, "
                          "plain decoding vs transformers", cmd, "```json\n" + out.strip() + "\n```"))
+    cmd, out = run([py, "benchmarks/sampling.py", "--max-new-tokens", "128", "--rounds", "3"])
+    sections.append(("Sampling cost: plain decoding at temperature 0.7 / top-p 0.95 vs greedy (default weights)", cmd,
+                     "```json\n" + out.strip() + "\n```"))
     cmd, out = run([py, "benchmarks/weights.py", "--formats", "auto,q8_0,bf16", "--rounds", "2"])
     sections.append(("Weight formats: resident memory and plain decode speed (fresh process per format)", cmd,
                      "```json\n" + out.strip() + "\n```"))

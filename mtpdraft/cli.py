@@ -7,19 +7,8 @@ import json
 import sys
 import time
 
-from .config import DEFAULT_DRAFT_LEN, DEFAULT_SAMPLING, DEFAULT_WEIGHTS, WEIGHT_CHOICES
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from .registry import DEFAULT_MODEL
-
-    p.add_argument("--model", default=DEFAULT_MODEL, help="bundled name, local HF directory or .gguf file")
-    p.add_argument("--dtype", default=DEFAULT_WEIGHTS, choices=WEIGHT_CHOICES,
-                   help="weights: auto = the GGUF's own quantized blocks where the model came from one, else bf16; "
-                        "q8_0 quantizes at load (cached); bf16/fp32 dense")
-    p.add_argument("--drafter", default="auto", help="auto | none | ngram | PATH to a drafter directory")
-    p.add_argument("--draft-len", type=int, default=None, help=f"tokens drafted per cycle (default {DEFAULT_DRAFT_LEN})")
-    p.add_argument("--adaptive", action="store_true", help="adapt the draft length to observed acceptance")
+from .cliargs import add_model_args
+from .config import DEFAULT_SAMPLING
 
 
 def _spec_from(args):
@@ -100,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate text from a prompt")
     g.add_argument("prompt")
-    _add_model_args(g)
+    add_model_args(g)
     g.add_argument("--max-new-tokens", type=int, default=DEFAULT_SAMPLING.max_new_tokens)
     g.add_argument("--temperature", type=float, default=DEFAULT_SAMPLING.temperature)
     g.add_argument("--top-k", type=int, default=DEFAULT_SAMPLING.top_k)

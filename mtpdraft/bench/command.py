@@ -7,24 +7,19 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import DEFAULT_DRAFT_LEN, DEFAULT_SAMPLING, DEFAULT_WEIGHTS, WEIGHT_CHOICES
+from ..cliargs import add_model_args
+from ..config import DEFAULT_SAMPLING
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from ..registry import DEFAULT_MODEL
-
     b = sub.add_parser("bench", help="benchmark speculative against plain decoding on a prompt set",
                        description="Runs plain and speculative decoding interleaved per prompt after a warm-up, "
                                    "checks greedy outputs are token-identical and reports decode tokens/s.")
-    b.add_argument("--model", default=DEFAULT_MODEL, help="bundled name, local HF directory or .gguf file")
-    b.add_argument("--drafter", default="ngram", help="auto | none | ngram | PATH to a drafter directory")
+    add_model_args(b, drafter="ngram")
     b.add_argument("--prompts", default=None, help="JSONL prompt file (default: the shipped set)")
     b.add_argument("--limit", type=int, default=None, help="run only the first N prompts")
     b.add_argument("--max-new-tokens", type=int, default=DEFAULT_SAMPLING.max_new_tokens)
     b.add_argument("--temperature", type=float, default=DEFAULT_SAMPLING.temperature)
-    b.add_argument("--dtype", default=DEFAULT_WEIGHTS, choices=WEIGHT_CHOICES, help="weights (see mtpdraft generate --help)")
-    b.add_argument("--draft-len", type=int, default=None, help=f"tokens drafted per cycle (default {DEFAULT_DRAFT_LEN})")
-    b.add_argument("--adaptive", action="store_true", help="adapt the draft length to observed acceptance")
     b.add_argument("--seed", type=int, default=DEFAULT_SAMPLING.seed)
     b.add_argument("--json", metavar="OUT", help="write the results as JSON")
     b.add_argument("--report", metavar="OUT.md", help="write a Markdown report")

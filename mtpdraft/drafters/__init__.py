@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from .. import kernels
 from ..models.base import CausalLM
 from .base import Draft, DraftContext, Drafter

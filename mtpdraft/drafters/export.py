@@ -28,11 +28,9 @@ Two conventions exist (see gemma4_assistant.py for the official one):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ..models import gemma4
 from ..models.base import CausalLM
@@ -83,27 +81,6 @@ def _text_args(tc: dict) -> gemma4.ModelArgs:
     return gemma4.ModelArgs.from_config(dict(tc, num_kv_shared_layers=0))  # as load_gemma4_assistant reads it
 
 
-def _text_config_of(d: Gemma4AssistantDrafter) -> dict:
-    """Back from the drafter's parsed text args to a 5.10-layout text_config."""
-    t, c = d.text, d.config
-    dims = dict(zip(t.layer_types, t.layer_head_dims))
-    heads = dict(zip(t.layer_types, t.layer_kv_heads))
-    hd = dims.get("sliding_attention", t.head_dim)
-    kvh = heads.get("sliding_attention", t.num_key_value_heads)
-    k_eq_v = bool(t.attention_k_eq_v or heads.get("full_attention", kvh) != kvh)
-    n = len(c.layer_types)
-    return dict(
-        model_type="gemma4_text", vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size, num_hidden_layers=n, layer_types=list(c.layer_types),
-        num_attention_heads=c.num_attention_heads, num_key_value_heads=kvh, head_dim=hd,
-        global_head_dim=dims.get("full_attention", hd), attention_k_eq_v=k_eq_v,
-        num_global_key_value_heads=heads.get("full_attention", kvh) if k_eq_v else None,
-        sliding_window=t.sliding_window, rope_parameters=t.rope_parameters, rms_norm_eps=c.rms_norm_eps,
-        max_position_embeddings=t.max_position_embeddings, hidden_activation="gelu_pytorch_tanh",
-        hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, num_kv_shared_layers=n,
-        enable_moe_block=False, use_double_wide_mlp=False, final_logit_softcapping=None, tie_word_embeddings=True)
-
-
 def new_gemma4_assistant(target: CausalLM, *, hidden_size: int = 256, intermediate_size: int = 1024,
                          num_attention_heads: int = 4,
                          layer_types: tuple[str, ...] = ("sliding_attention", "full_attention"),
@@ -132,22 +109,6 @@ def new_gemma4_assistant(target: CausalLM, *, hidden_size: int = 256, intermedia
         p.data = torch.ones_like(p) if p.ndim == 1 else torch.randn(p.shape, generator=g) * std
     d.check_target(target)
     return d.eval()
-
-
-def save_gemma4_assistant(d: Gemma4AssistantDrafter, out: str | Path) -> Path:
-    """Write `d` as an official gemma4_assistant directory."""
-    c = d.config
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = {"model_type": "gemma4_assistant", "architectures": ["Gemma4AssistantForCausalLM"],
-           "text_config": _text_config_of(d), "backbone_hidden_size": c.backbone_hidden_size,
-           "use_ordered_embeddings": c.use_ordered_embeddings, "num_centroids": c.num_centroids,
-           "centroid_intermediate_top_k": c.centroid_intermediate_top_k, "tie_word_embeddings": True,
-           "dtype": str(d.model.embed_tokens.weight.dtype).removeprefix("torch.")}
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    tensors = {k: v.detach().contiguous() for k, v in d.state_dict().items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
 
 
 def _fold_query_shift(w: torch.Tensor, heads: int, head_dim: int, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -241,7 +202,7 @@ def export_drafter(drafter_dir: str | Path, target: CausalLM, out: str | Path, f
     d = to_gemma4_assistant(load_drafter_dir(drafter_dir, target), target)
     if Path(out).resolve() == Path(drafter_dir).resolve():
         raise ValueError("--out must differ from the drafter directory")
-    return save_gemma4_assistant(d.to_dtype(dtype), out)
+    return d.to_dtype(dtype).save(out)
 
 
 def cmd_export(args) -> int:
@@ -265,5 +226,5 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
-__all__ = ["assistant_text_config", "export_drafter", "new_gemma4_assistant", "save_gemma4_assistant",
+__all__ = ["assistant_text_config", "export_drafter", "new_gemma4_assistant",
            "to_gemma4_assistant"]

@@ -26,6 +26,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from ..kernels import apply_rope
@@ -112,9 +113,39 @@ class Gemma4AssistantDrafter(MTPDrafter):
 
     def save(self, out: str | Path) -> Path:
         """Write the official gemma4_assistant layout (what load_gemma4_assistant reads)."""
-        from .export import save_gemma4_assistant
+        c = self.config
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = {"model_type": "gemma4_assistant", "architectures": ["Gemma4AssistantForCausalLM"],
+               "text_config": _text_config_of(self), "backbone_hidden_size": c.backbone_hidden_size,
+               "use_ordered_embeddings": c.use_ordered_embeddings, "num_centroids": c.num_centroids,
+               "centroid_intermediate_top_k": c.centroid_intermediate_top_k, "tie_word_embeddings": True,
+               "dtype": str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")}
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return out
 
-        return save_gemma4_assistant(self, out)
+
+def _text_config_of(d: Gemma4AssistantDrafter) -> dict:
+    """Back from the drafter's parsed text args to a 5.10-layout text_config."""
+    t, c = d.text, d.config
+    dims = dict(zip(t.layer_types, t.layer_head_dims))
+    heads = dict(zip(t.layer_types, t.layer_kv_heads))
+    hd = dims.get("sliding_attention", t.head_dim)
+    kvh = heads.get("sliding_attention", t.num_key_value_heads)
+    k_eq_v = bool(t.attention_k_eq_v or heads.get("full_attention", kvh) != kvh)
+    n = len(c.layer_types)
+    return dict(
+        model_type="gemma4_text", vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size, num_hidden_layers=n, layer_types=list(c.layer_types),
+        num_attention_heads=c.num_attention_heads, num_key_value_heads=kvh, head_dim=hd,
+        global_head_dim=dims.get("full_attention", hd), attention_k_eq_v=k_eq_v,
+        num_global_key_value_heads=heads.get("full_attention", kvh) if k_eq_v else None,
+        sliding_window=t.sliding_window, rope_parameters=t.rope_parameters, rms_norm_eps=c.rms_norm_eps,
+        max_position_embeddings=t.max_position_embeddings, hidden_activation="gelu_pytorch_tanh",
+        hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, num_kv_shared_layers=n,
+        enable_moe_block=False, use_double_wide_mlp=False, final_logit_softcapping=None, tie_word_embeddings=True)
 
 
 def is_gemma4_assistant(path: str | Path) -> bool:

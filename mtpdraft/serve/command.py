@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import (DEFAULT_WEIGHTS, SERVE_DEFAULT_MAX_TOKENS, SERVE_DRAFT_LEN, SERVE_HOST, SERVE_MAX_BATCH,
-                      SERVE_MAX_CONTEXT, SERVE_MAX_QUEUE, SERVE_PORT, SERVE_SHUTDOWN_TIMEOUT_S, SERVE_SPEC_OFF_BATCH,
-                      WEIGHT_CHOICES)
+from ..cliargs import add_model_args
+from ..config import (SERVE_DEFAULT_MAX_TOKENS, SERVE_DRAFT_LEN, SERVE_HOST, SERVE_MAX_BATCH, SERVE_MAX_CONTEXT,
+                      SERVE_MAX_QUEUE, SERVE_PORT, SERVE_SHUTDOWN_TIMEOUT_S, SERVE_SPEC_OFF_BATCH)
 
 
 def add_parser(sub) -> None:
-    from ..registry import DEFAULT_MODEL
-
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with batched speculative decoding")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="bundled name, local HF directory or .gguf file")
-    p.add_argument("--drafter", default="auto", help="auto | none | ngram | PATH to a drafter directory")
-    p.add_argument("--dtype", default=DEFAULT_WEIGHTS, choices=WEIGHT_CHOICES, help="weights (see mtpdraft generate --help)")
+    add_model_args(p, draft_len=SERVE_DRAFT_LEN, adaptive_help="adapt each request's draft length to its acceptance")
     p.add_argument("--host", default=SERVE_HOST)
     p.add_argument("--port", type=int, default=SERVE_PORT)
     p.add_argument("--max-batch", type=int, default=SERVE_MAX_BATCH, help="rows decoded together (1..64)")
     p.add_argument("--max-context", type=int, default=SERVE_MAX_CONTEXT, help="prompt + generated tokens per request")
-    p.add_argument("--draft-len", type=int, default=SERVE_DRAFT_LEN,
-                   help=f"draft tokens per cycle (default {SERVE_DRAFT_LEN}; a request may ask for fewer/more)")
-    p.add_argument("--adaptive", action="store_true", help="adapt each request's draft length to its acceptance")
     p.add_argument("--spec-off-batch", type=int, default=SERVE_SPEC_OFF_BATCH,
                    help=f"switch drafting off while the batch has at least this many rows (0 = never; "
                         f"default {SERVE_SPEC_OFF_BATCH}: "
