@@ -107,21 +107,31 @@ def test_kv_shared_layers_read_their_source_cache(tmp_path):
     assert not hasattr(ours.model.layers[4].self_attn, "k_proj")
 
 
-def test_multimodal_checkpoint_loads_text_part_with_warning(checkpoint, tmp_path):
-    hf, path = checkpoint
-    text_cfg = json.loads((path / "config.json").read_text())
-    cfg = {"model_type": "gemma4", "text_config": text_cfg, "vision_config": {"model_type": "gemma4_vision"},
-           "tie_word_embeddings": True}
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    w = {("model.language_model." + k[len("model."):]): v for k, v in load_file(str(path / "model.safetensors")).items()}
-    w["model.vision_tower.encoder.dummy.weight"] = torch.zeros(2, 2)
-    w["model.embed_vision.embedding_projection.weight"] = torch.zeros(2, 2)
-    save_file(w, str(tmp_path / "model.safetensors"))
-    with pytest.warns(UserWarning, match="not supported"):
+@pytest.mark.parametrize("case", ["dense", "edge"])
+def test_multimodal_checkpoint_loads_text_part_with_warning(case, tmp_path):
+    """A Gemma4ForConditionalGeneration checkpoint as transformers writes it (vision and
+    audio towers, model.language_model.* names): the text decoder loads, the towers are
+    skipped with one warning, and the logits are the full model's on text input."""
+    from transformers.models.gemma4 import configuration_gemma4 as cg
+
+    torch.manual_seed(5)
+    vision = cg.Gemma4VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2, head_dim=8, position_embedding_size=64)
+    audio = cg.Gemma4AudioConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, output_proj_dims=32)
+    cfg = cg.Gemma4Config(text_config=text_config(**CASES[case]), vision_config=vision, audio_config=audio)
+    hf = randomize(transformers.Gemma4ForConditionalGeneration(cfg).eval())
+    hf.save_pretrained(tmp_path)
+    names = set(load_file(str(tmp_path / "model.safetensors")))
+    assert any(n.startswith("model.vision_tower.") for n in names) and any(n.startswith("model.audio_tower.") for n in names)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         ours = load_model_dir(tmp_path, "fp32")
+    assert [str(w.message) for w in caught if "not supported" in str(w.message)] == [
+        "gemma4: loading the text decoder only; image, video and audio inputs are not supported "
+        "(their encoders are skipped)"]
     ids = torch.randint(3, V, (1, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        ref = hf(ids).logits
+        ref = hf(input_ids=ids).logits
     torch.testing.assert_close(ours(ids, ours.new_cache(1, 32)).logits, ref, rtol=0, atol=1e-4)
 
 

@@ -191,3 +191,40 @@ def test_cluster_dot_matches_a_plain_gather():
     (gy,) = torch.autograd.grad(out, y, up)
     (gy_ref,) = torch.autograd.grad(ref, y, up)
     torch.testing.assert_close(gy, gy_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_train_validation_and_bench_prompts_share_no_passage():
+    """The three prompt sets: training and validation (split_prompts with the pipeline's
+    settings) and the bench set the figures are reported on."""
+    from mtpdraft.bench.prompts import load_prompts as load_bench
+    from mtpdraft.train.data import load_prompts, shared_passages, split_prompts
+    from mtpdraft.train.train import TrainConfig
+
+    cfg = TrainConfig()
+    train, val = split_prompts(load_prompts(), cfg.heldout_frac, cfg.seed)
+    bench = [{"id": p.id, "turns": list(p.turns)} for p in load_bench()]
+    assert len(train) > 5 * len(val) > 0 and len(bench) >= 30
+    assert shared_passages(train, val) == []
+    assert shared_passages(train + val, bench) == []
+
+
+def test_shared_passages_finds_reused_text_not_templates():
+    from mtpdraft.train.data import passage_groups, shared_passages, split_prompts
+
+    passage = "The lake froze early that winter and the fishermen cut holes in the ice."
+    a = [{"id": "t1", "prompt": "English: My brother works in a hospital.\nFrench:"},
+         {"id": "t2", "prompt": f"Summarize the following text in one or two sentences.\n\n{passage}\n\nSummary:"},
+         {"id": "t3", "prompt": "Write a short story about a robot who learns to paint."},
+         {"id": "t4", "prompt": "What is the difference between weather and climate?"}]
+    b = [{"id": "b1", "prompt": "Translate into Italian: My brother works in a hospital."},
+         {"id": "b2", "prompt": f"{passage}\n\nTL;DR:"},
+         {"id": "b3", "prompt": "Write a short story about a lighthouse keeper and her dog."},
+         {"id": "b4", "turns": ["Hello!", "what is the difference between weather and climate"]}]
+    assert shared_passages(a, b) == [("t1", "b1"), ("t2", "b2"), ("t4", "b4")]
+    groups = sorted(sorted(p["id"] for p in g) for g in passage_groups(a + b))
+    assert ["b1", "t1"] in groups and ["b2", "t2"] in groups and ["b3"] in groups
+    # a split never separates prompts that share a passage
+    cats = [dict(p, category="c") for p in a + b]
+    for seed in range(5):
+        train, held = split_prompts(cats, 0.3, seed)
+        assert shared_passages(train, held) == [] and len(train) + len(held) == len(cats)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mtpdraft.config import SamplingParams
-from mtpdraft.decoding.verify import target_probs, verify
+from mtpdraft.decoding.verify import argmax, target_probs, verify
 
 
 def test_greedy_accepts_longest_agreeing_prefix():
@@ -16,6 +16,21 @@ def test_greedy_accepts_longest_agreeing_prefix():
     assert verify(torch.tensor([3, 1, 2]), None, logits, sp) == (1, 7)  # mismatch at 1
     assert verify(torch.tensor([0, 7, 2]), None, logits, sp) == (0, 3)
     assert verify(torch.empty(0, dtype=torch.long), None, logits[:1], sp) == (0, 3)
+
+
+def test_argmax_is_torch_argmax():
+    """Same index as torch.argmax, ties (first maximum), NaN (counts as the maximum), infinities
+    and inference tensors included."""
+    g = torch.Generator().manual_seed(0)
+    nan, inf = float("nan"), float("inf")
+    cases = [torch.randn(7, 262144, generator=g), torch.randint(0, 3, (5, 1000), generator=g).float(),
+             torch.tensor([[1.0, nan, 3.0, nan], [2.0, 5.0, 5.0, 1.0], [-inf] * 4, [inf, 1.0, inf, 0.0]]),
+             torch.randn(262144, generator=g), torch.randn(4, 9, generator=g)[:, ::2]]
+    for x in cases:
+        assert torch.equal(argmax(x), x.argmax(-1))
+        with torch.inference_mode():
+            y = x.clone()
+            assert torch.equal(argmax(y), y.argmax(-1))
 
 
 def test_top_k_top_p_filtering():

@@ -6,6 +6,7 @@ proposed its argmax, i.e. q is a point mass on the draft token).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..config import SamplingParams
@@ -15,6 +16,16 @@ from ..config import SamplingParams
 # without sorting 262k entries (~20 ms on two cores) per row.
 _NUCLEUS_THRESHOLDS = (1e-4, 1e-6)
 _BLOCK = 1024  # sample(): CDF block size; also the vocabulary size up to which top-p sorts all
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits [..., V] -> [...] indices: torch.argmax's result (the first maximum; NaN
+    counts as the maximum), computed by numpy, whose vectorized scan of a 262k-entry
+    fp32 row takes ~0.03 ms where torch 2.13's CPU argmax takes ~0.4 ms (a few % of a
+    decode step, per verified position)."""
+    if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.requires_grad:
+        return logits.argmax(-1)
+    return torch.from_numpy(np.asarray(np.argmax(logits.contiguous().numpy(), axis=-1)))
 
 
 def target_probs(logits: torch.Tensor, sp: SamplingParams) -> torch.Tensor:
@@ -105,11 +116,12 @@ def verify(draft: torch.Tensor, draft_probs: torch.Tensor | None, target_logits:
     """
     k = draft.shape[0]
     if sp.greedy:
-        best = target_logits.argmax(-1)  # [k+1]
+        best = argmax(target_logits).tolist()  # [k+1]
         n = 0
-        while n < k and int(draft[n]) == int(best[n]):
+        d = draft.tolist()
+        while n < k and d[n] == best[n]:
             n += 1
-        return n, int(best[n])
+        return n, best[n]
     p = target_probs(target_logits, sp)  # [k+1, V]
     for i in range(k):
         x = int(draft[i])

@@ -26,7 +26,7 @@ from torch import nn
 from .. import kernels
 from ..kernels import apply_rope, reference_rmsnorm
 from ..kernels.quant import PANEL, permute_rows
-from ..decoding.verify import sample, target_probs
+from ..decoding.verify import argmax, sample, target_probs
 from ..layers import Linear, RMSNorm, linear
 from ..models.base import CausalLM
 from .base import Draft, DraftContext
@@ -306,7 +306,7 @@ class MTPDraftSource:
                 q = target_probs(logits[0], sp)
                 j = sample(q, ctx.generator)
             else:
-                j = int(logits[0].argmax())
+                j = int(argmax(logits[0]))
             if i > 0 and self.min_confidence > 0:
                 if float(torch.softmax(logits[0], -1)[j]) < self.min_confidence:
                     break

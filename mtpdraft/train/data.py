@@ -10,8 +10,10 @@ target's argmax (the labels the drafter must learn); sampled rows (temperature
 
 from __future__ import annotations
 
+import collections
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,20 +33,86 @@ def load_prompts(path: str | Path | None = None) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# Two prompts share a passage when they share a run of PASSAGE_RUN words or a whole
+# sentence of at least SENTENCE_WORDS words (lowercased, punctuation dropped); a run or
+# sentence found in TEMPLATE_PROMPTS or more prompts of the corpus is an instruction
+# template ("summarize the following text in one or two sentences"), not a passage.
+PASSAGE_RUN = 7
+SENTENCE_WORDS = 4
+TEMPLATE_PROMPTS = 4
+
+
+def prompt_text(p: dict) -> str:
+    return p["prompt"] if "prompt" in p else "\n".join(p.get("turns", []))
+
+
+def passage_runs(p: dict) -> set[str]:
+    """The units two prompts may share: word runs, whole sentences, the whole prompt."""
+    text = prompt_text(p).lower()
+    words = re.findall(r"[a-z0-9]+", text)
+    runs = {" ".join(words)}
+    runs |= {" ".join(words[i:i + PASSAGE_RUN]) for i in range(len(words) - PASSAGE_RUN + 1)}
+    for sentence in re.split(r"[.!?:;\n]", text):
+        w = re.findall(r"[a-z0-9]+", sentence)
+        if len(w) >= SENTENCE_WORDS:
+            runs.add(" ".join(w))
+    return runs
+
+
+def _templates(prompts: list[dict]) -> set[str]:
+    counts = collections.Counter(r for p in prompts for r in passage_runs(p))
+    return {r for r, n in counts.items() if n >= TEMPLATE_PROMPTS}
+
+
+def shared_passages(a: list[dict], b: list[dict]) -> list[tuple[str, str]]:
+    """(id in a, id in b) of every pair of prompts that share a passage."""
+    templates = _templates(a + b)
+    where: dict[str, list[str]] = {}
+    for p in a:
+        for r in passage_runs(p) - templates:
+            where.setdefault(r, []).append(p["id"])
+    return sorted({(i, q["id"]) for q in b for r in passage_runs(q) - templates for i in where.get(r, [])})
+
+
+def passage_groups(prompts: list[dict]) -> list[list[dict]]:
+    """The prompts in groups that share passages (transitively); singletons included."""
+    templates = _templates(prompts)
+    parent = list(range(len(prompts)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    for i, p in enumerate(prompts):
+        for r in passage_runs(p) - templates:
+            parent[root(i)] = root(first.setdefault(r, i))
+    groups: dict[int, list[dict]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(root(i), []).append(p)
+    return list(groups.values())
+
+
 def split_prompts(prompts: list[dict], heldout_frac: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Deterministic split stratified by category: (train, held-out). The held-out
-    list interleaves the categories, so any prefix of it mixes them."""
-    by_cat: dict[str, list[dict]] = {}
-    for p in prompts:
-        by_cat.setdefault(p.get("category", ""), []).append(p)
+    """Deterministic split stratified by category: (train, held-out = validation). Prompts
+    that share a passage stay on one side. The held-out list interleaves the categories,
+    so any prefix of it mixes them."""
+    by_cat: dict[str, list[list[dict]]] = {}
+    for g in passage_groups(prompts):
+        by_cat.setdefault(g[0].get("category", ""), []).append(sorted(g, key=lambda p: p["id"]))
     rng = random.Random(seed)
     train, held_by_cat = [], []
     for cat in sorted(by_cat):
-        items = sorted(by_cat[cat], key=lambda p: p["id"])
-        rng.shuffle(items)
-        n = max(1, round(len(items) * heldout_frac)) if heldout_frac > 0 and len(items) > 1 else 0
-        held_by_cat.append(items[:n])
-        train += items[n:]
+        groups = sorted(by_cat[cat], key=lambda g: g[0]["id"])
+        rng.shuffle(groups)
+        total = sum(len(g) for g in groups)
+        want = max(1, round(total * heldout_frac)) if heldout_frac > 0 and len(groups) > 1 else 0
+        held: list[dict] = []
+        for g in groups:
+            (held if len(held) < want else train).extend(g)
+        held_by_cat.append(held)
     held = [h[i] for i in range(max((len(h) for h in held_by_cat), default=0)) for h in held_by_cat if i < len(h)]
     return train, held
 
