@@ -39,12 +39,12 @@ from runtime import bandwidth_gbs  # noqa: E402
 
 from mtpdraft.bench import machine_info  # noqa: E402
 from mtpdraft.drafters.base import DraftContext  # noqa: E402
-from mtpdraft.drafters.gemma4_assistant import Gemma4AssistantDrafter  # noqa: E402
-from mtpdraft.drafters.mtp import MTPConfig, MTPDraftSource  # noqa: E402
+from mtpdraft.drafters.mtp import MTPDraftSource  # noqa: E402
 from mtpdraft.kernels import QWeight  # noqa: E402
-from mtpdraft.kernels.quant import PANEL, _q8_0_panels  # noqa: E402
+from mtpdraft.kernels.quant import _q8_0_panels  # noqa: E402
 from mtpdraft.layers import Linear  # noqa: E402
 from mtpdraft.models import build_model, gemma4, quantizable  # noqa: E402
+from mtpdraft.testing import random_gemma4_assistant  # noqa: E402
 
 S, F = "sliding_attention", "full_attention"
 V = 262_144
@@ -103,19 +103,11 @@ def build_target(size: str, fmt: str, seed: int = 0) -> gemma4.Model:
 
 def build_assistant(target: gemma4.Model, seed: int = 0) -> MTPDraftSource:
     a = target.args
-    text = gemma4.ModelArgs.from_config(dict(
-        hidden_size=256, intermediate_size=2048, num_hidden_layers=4, layer_types=[S, S, S, F],
-        num_attention_heads=4, num_key_value_heads=a.num_key_value_heads, head_dim=256, global_head_dim=512,
-        vocab_size=V, sliding_window=a.sliding_window))
-    cfg = MTPConfig(backbone_hidden_size=a.hidden_size, vocab_size=V, head_dim=256, num_key_value_heads=1,
-                    hidden_size=256, intermediate_size=2048, num_attention_heads=4, layer_types=text.layer_types,
-                    use_ordered_embeddings=True, num_centroids=2048, centroid_intermediate_top_k=32)
-    d = Gemma4AssistantDrafter(cfg, text)
-    g = torch.Generator().manual_seed(seed)
-    sd = {k: torch.randn(v.shape, generator=g) * (0.05 if v.ndim == 1 else v.shape[-1] ** -0.5) + (v.ndim == 1)
-          for k, v in d.state_dict().items() if v.is_floating_point()}
-    sd["masked_embedding.token_ordering"] = torch.randperm(V, generator=g)
-    d.load_state_dict(sd)
+    text = dict(hidden_size=256, intermediate_size=2048, num_hidden_layers=4, layer_types=[S, S, S, F],
+                num_attention_heads=4, num_key_value_heads=a.num_key_value_heads, head_dim=256, global_head_dim=512,
+                vocab_size=V, sliding_window=a.sliding_window)
+    d = random_gemma4_assistant(text, dict(backbone_hidden_size=a.hidden_size, num_centroids=2048,
+                                           centroid_intermediate_top_k=32), seed=seed, std=None)
     d = d.to_dtype(torch.bfloat16).eval()
     d.check_target(target)
     return MTPDraftSource(d)

@@ -89,3 +89,42 @@ def tiny_model_dir(out: str | Path, family: str = "gemma3_text", seed: int = 0, 
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
         "unk_token": "<unk>", "pad_token": "<pad>"}))
     return out
+
+
+def random_gemma4_assistant(text: dict, assistant: dict, seed: int = 0, std: float | None = 0.02,
+                            norm_std: float = 0.05):
+    """A Gemma4AssistantDrafter with the official layout's shapes and random weights.
+
+    text: the assistant's text_config (transformers' names); assistant: the top-level
+    fields (backbone_hidden_size, num_centroids, centroid_intermediate_top_k). Matrices
+    draw N(0, std) (None: 1/sqrt(fan-in)), norms and layer scalars 1 + N(0, norm_std)."""
+    from .drafters.gemma4_assistant import Gemma4AssistantDrafter
+    from .drafters.mtp import MTPConfig
+    from .models import gemma4
+
+    args = gemma4.ModelArgs.from_config(text)
+    cfg = MTPConfig(backbone_hidden_size=assistant["backbone_hidden_size"], vocab_size=args.vocab_size,
+                    head_dim=args.head_dim, num_key_value_heads=1, hidden_size=args.hidden_size,
+                    intermediate_size=args.intermediate_size, num_attention_heads=args.num_attention_heads,
+                    layer_types=list(args.layer_types),
+                    use_ordered_embeddings=assistant.get("use_ordered_embeddings", True),
+                    num_centroids=assistant.get("num_centroids", 2048),
+                    centroid_intermediate_top_k=assistant.get("centroid_intermediate_top_k", 32))
+    d = Gemma4AssistantDrafter(cfg, args)
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: torch.randn(v.shape, generator=g) * (norm_std if v.ndim == 1 else std or v.shape[-1] ** -0.5)
+          + (v.ndim == 1) for k, v in d.state_dict().items() if v.is_floating_point()}
+    if cfg.use_ordered_embeddings:
+        sd["masked_embedding.token_ordering"] = torch.randperm(cfg.vocab_size, generator=g)
+    d.load_state_dict(sd)
+    return d.eval()
+
+
+def gemma4_assistant_dir(out: str | Path, text: dict, assistant: dict, **kw) -> Path:
+    """random_gemma4_assistant written as an official gemma4_assistant directory."""
+    d = random_gemma4_assistant(text, assistant, **kw)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in d.state_dict().items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps({"model_type": "gemma4_assistant", "text_config": text, **assistant}))
+    return out

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mtpdraft.config import SamplingParams, SpecParams
 from mtpdraft.decoding import generate
@@ -240,24 +240,10 @@ def test_assisted_generation_equals_plain_and_transformers(reference):
 
 def write_assistant(path: Path, backbone: int = 64, seed: int = 0) -> Path:
     """A gemma4_assistant directory with the official layout, random weights."""
-    from mtpdraft.drafters.gemma4_assistant import Gemma4AssistantDrafter
-    from mtpdraft.drafters.mtp import MTPConfig
-    from mtpdraft.models import gemma4
+    from mtpdraft.testing import gemma4_assistant_dir
 
-    text = gemma4.ModelArgs.from_config(ASSISTANT_TEXT)
-    cfg = MTPConfig(backbone_hidden_size=backbone, vocab_size=V, head_dim=16, num_key_value_heads=1, hidden_size=32,
-                    intermediate_size=64, num_attention_heads=4, layer_types=text.layer_types,
-                    num_centroids=16, centroid_intermediate_top_k=4)
-    d = Gemma4AssistantDrafter(cfg, text)
-    g = torch.Generator().manual_seed(seed)
-    sd = {k: (torch.randn(v.shape, generator=g) * (0.05 if v.ndim == 1 else 0.1) + (v.ndim == 1))
-          for k, v in d.state_dict().items() if v.is_floating_point()}
-    sd["masked_embedding.token_ordering"] = torch.randperm(V, generator=g)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps({"model_type": "gemma4_assistant", "text_config": ASSISTANT_TEXT,
-                                                  **(ASSISTANT | {"backbone_hidden_size": backbone})}))
-    return path
+    return gemma4_assistant_dir(path, ASSISTANT_TEXT, ASSISTANT | {"backbone_hidden_size": backbone}, seed=seed,
+                                std=0.1)
 
 
 def test_assistant_is_lossless_through_the_engine(checkpoint, tmp_path):

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from mtpdraft.config import SamplingParams, SpecParams
 from mtpdraft.decoding import generate
@@ -89,23 +88,9 @@ def write_assistant(path: Path, size: str) -> Path:
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, f"building the assistant failed:\n{r.stderr[-3000:]}"
         return path
-    from mtpdraft.drafters.gemma4_assistant import Gemma4AssistantDrafter
-    from mtpdraft.drafters.mtp import MTPConfig
-    from mtpdraft.models import gemma4
+    from mtpdraft.testing import gemma4_assistant_dir
 
-    args = gemma4.ModelArgs.from_config(text)
-    cfg = MTPConfig(backbone_hidden_size=kw["backbone_hidden_size"], vocab_size=V, head_dim=256,
-                    num_key_value_heads=text["num_key_value_heads"], hidden_size=256, intermediate_size=2048,
-                    num_attention_heads=4, layer_types=args.layer_types, num_centroids=2048,
-                    centroid_intermediate_top_k=32)
-    g = torch.Generator().manual_seed(0)
-    sd = {k: torch.randn(v.shape, generator=g) * (0.05 if v.ndim == 1 else 0.02) + (v.ndim == 1)
-          for k, v in Gemma4AssistantDrafter(cfg, args).state_dict().items() if v.is_floating_point()}
-    sd["masked_embedding.token_ordering"] = torch.randperm(V, generator=g)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps({"model_type": "gemma4_assistant", "text_config": text, **kw}))
-    return path
+    return gemma4_assistant_dir(path, text, kw)
 
 
 @pytest.fixture(scope="module", params=sorted(SIZES))

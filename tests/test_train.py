@@ -174,6 +174,14 @@ def test_batched_data_generation_equals_plain_greedy(tiny, one_thread):
     for p, s in zip(prompts, seqs):
         assert s == p + list(generate(model, p, SamplingParams(max_new_tokens=20, ignore_eos=True)))
     assert len(seqs[-1]) == len(prompts[0]) + 12
+    # two cache rows for five jobs: finished rows leave (the last row moves into the gap)
+    # and later jobs take their rows; every sequence is unchanged
+    uneven = [Job(p, n) for p, n in zip(prompts, [20, 5, 13, 8])] + [jobs[-1]]
+    got = generate_batch(model, uneven, eos_ids=set(), max_rows=2)
+    for j, s in zip(uneven[:4], got):
+        assert s == j.prompt + list(generate(model, j.prompt, SamplingParams(max_new_tokens=j.new_tokens,
+                                                                              ignore_eos=True)))
+    assert got[-1] == seqs[-1]  # the sampled row: same seed, same tokens, whichever cache row it had
 
 
 def test_cluster_dot_matches_a_plain_gather():
