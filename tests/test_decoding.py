@@ -77,6 +77,64 @@ def test_context_limit_ends_with_length(tiny_dirs):
         assert len(prompt) + len(out) == 20 and stopper.reason == "length"
 
 
+def _rows(model, tok, prompts, n, drafter=None):
+    from mtpdraft.decoding.step import Row
+
+    sp = SamplingParams(max_new_tokens=n, ignore_eos=True)
+    return [Row(tok(p).input_ids, sp, StopChecker(sp, set(), tok), 64, drafter and drafter(), 4) for p in prompts]
+
+
+def test_batch_admit_that_fails_leaves_no_row(tiny_dirs):
+    """A row whose first token cannot be committed never joins the batch."""
+    from mtpdraft.decoding.step import Batch
+
+    model, tok = mtpdraft.load(str(tiny_dirs["gemma3_text"]), "fp32")
+    batch = Batch(model, 2, 64, max_draft=4)
+    bad, good = _rows(model, tok, ["abc abc", "hello hello"], 12)
+
+    def broken(token):
+        raise RuntimeError("injected stop-check failure")
+
+    bad.stopper.add = broken
+    with pytest.raises(RuntimeError, match="injected"):
+        batch.admit(bad)
+    assert batch.rows == [] and batch.cache.lengths == (0, 0)
+    out = batch.admit(good).tokens
+    while not good.done:
+        out += batch.step().rows[0].tokens
+    assert out == list(generate(model, good.prompt, SamplingParams(max_new_tokens=12, ignore_eos=True)))
+
+
+def test_batched_forward_failing_in_the_head_is_retried_from_the_start(tiny_dirs, monkeypatch):
+    """The forward advances the cache before the head: a retry row by row must start from
+    each row's length before the failed attempt, and then gives the single-row tokens."""
+    from mtpdraft.decoding.step import Batch
+
+    model, tok = mtpdraft.load(str(tiny_dirs["gemma3_text"]), "fp32")
+    prompts = ["abc abc abc", "the cat sat on the mat"]
+    want = [list(generate(model, tok(p).input_ids, SamplingParams(max_new_tokens=16, ignore_eos=True),
+                          drafter=NgramDrafter(), spec=SpecParams(4))) for p in prompts]
+    logits, calls = model.logits, []
+
+    def flaky(h):
+        calls.append(h.shape[0])
+        if h.shape[0] > 1 and len(calls) % 3 == 0:  # every third batched head call fails
+            raise RuntimeError("injected head failure")
+        return logits(h)
+
+    monkeypatch.setattr(model, "logits", flaky)
+    batch = Batch(model, 2, 64, max_draft=4)
+    rows = _rows(model, tok, prompts, 16, NgramDrafter)
+    got = [batch.admit(r).tokens for r in rows]
+    while batch.rows:
+        for e in batch.step().rows:
+            assert e.error is None
+            got[rows.index(e.row)] += e.tokens
+        for r in [r for r in batch.rows if r.done]:
+            batch.release(r)
+    assert got == want and any(c > 1 for c in calls)
+
+
 def test_adjust_logits_counts_each_rows_history():
     V = 6
     sp = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, logit_bias={4: 2.0})

@@ -62,21 +62,27 @@ def test_training_forward_equals_inference_steps(tiny, one_thread, layer_types):
     for p in dr.parameters():
         p.requires_grad_(False)
     outs = [(x.detach(), h.detach()) for x, h in outs]
-    for p in [0, 4, 9, 17, 26]:
-        cache = model.new_cache(1, 64, 64)
-        out = model(torch.tensor([seq[:p + 1]]), cache, logits="none")
-        h = out.hidden[0, -1][None]
-        srcs, pos = dr.sources(model, cache), torch.tensor([[p]])
-        for j in range(1, k + 1):
-            if p + j >= len(seq):
-                break
-            ids, logits, h = dr.step(model, torch.tensor([seq[p + j]]), h, pos, srcs)
-            x_t, h_t = outs[j - 1]
-            torch.testing.assert_close(h[0], h_t[0, p], atol=1e-4, rtol=1e-4)
-            # the same clustered head on the training state picks the same token
-            top = dr.masked_embedding.centroids(h_t[0, p][None]).topk(8, -1).indices
-            ids_t = dr.masked_embedding.token_ordering.view(32, -1)[top].flatten(1)
-            assert torch.equal(ids, ids_t)
+    for p in [0, 4, 9, 17, 26]:  # drafting as the engine does it: inference mode, the runtime's kernels
+        _inference_steps_match(model, dr, seq, outs, p, k)
+
+
+@torch.inference_mode()
+def _inference_steps_match(model, dr, seq, outs, p, k):
+    """Drafting steps from position p as MTPDraftSource runs them equal the training forward's."""
+    cache = model.new_cache(1, 64, 64)
+    out = model(torch.tensor([seq[:p + 1]]), cache, logits="none")
+    h = out.hidden[0, -1][None]
+    srcs, pos = dr.sources(model, cache), torch.tensor([[p]])
+    for j in range(1, k + 1):
+        if p + j >= len(seq):
+            break
+        ids, logits, h = dr.step(model, torch.tensor([seq[p + j]]), h, pos, srcs)
+        x_t, h_t = outs[j - 1]
+        torch.testing.assert_close(h[0], h_t[0, p], atol=1e-4, rtol=1e-4)
+        # the same clustered head on the training state picks the same token
+        top = dr.masked_embedding.centroids(h_t[0, p][None]).topk(8, -1).indices
+        ids_t = dr.masked_embedding.token_ordering.view(32, -1)[top].flatten(1)
+        assert torch.equal(ids, ids_t)
 
 
 def test_balanced_clusters_and_head_loss(tiny, one_thread):

@@ -43,7 +43,7 @@ def generate(model: CausalLM, prompt_ids: list[int], sp: SamplingParams | None =
     sp = sp or SamplingParams()
     spec = spec or SpecParams()
     row = Row(list(prompt_ids), sp, stopper or StopChecker(sp, eos_ids_of(model, tokenizer), tokenizer),
-              max_len or min(8192, model.args.max_position_embeddings), drafter,
+              min(max_len or 8192, model.args.max_position_embeddings), drafter,
               spec.draft_len if drafter is not None else 0, spec.adaptive,
               stats=stats if stats is not None else Stats())
     batch = Batch(model, 1, row.max_len, max_draft=row.draft_len)

@@ -18,6 +18,7 @@ Plain decoding is the same step with no drafter (every cycle verifies zero draft
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -29,6 +30,8 @@ from ..models.base import CausalLM
 from .penalties import adjust_logits
 from .stops import StopChecker
 from .verify import verify
+
+log = logging.getLogger("mtpdraft.decoding")
 
 PREFILL_CHUNK = 256  # prompt positions per prefill forward (chunking changes the numerics: one value for all)
 HEAD_SLICE = 32  # prompt logprobs: positions per head matmul (bounds the [n, V] logits)
@@ -139,15 +142,20 @@ class Batch:
             raise ValueError(f"prompt of {len(row.prompt)} tokens does not fit the cache of {self.cache.max_len}")
         slot = len(self.rows)
         self.cache.reset(slot)
-        t0 = time.perf_counter()
-        out = self._prefill(row, self.cache.rows(slot, slot + 1))
-        logits = out.logits[0, -1:]
-        _, nxt = verify(torch.empty(0, dtype=torch.long), None, adjust_logits(logits, [], [], row.sp), row.sp, row.gen)
-        lps = logprobs_of(logits, [nxt], row.logprobs) if row.logprobs is not None else None
-        row.hidden = out.hidden[0, -1].clone()
-        row.stats.prefill_s += time.perf_counter() - t0
+        try:
+            t0 = time.perf_counter()
+            out = self._prefill(row, self.cache.rows(slot, slot + 1))
+            logits = out.logits[0, -1:]
+            _, nxt = verify(torch.empty(0, dtype=torch.long), None, adjust_logits(logits, [], [], row.sp), row.sp,
+                            row.gen)
+            lps = logprobs_of(logits, [nxt], row.logprobs) if row.logprobs is not None else None
+            row.hidden = out.hidden[0, -1].clone()
+            row.stats.prefill_s += time.perf_counter() - t0
+            kept, lps = row._commit([nxt], lps)
+        except BaseException:
+            self.cache.reset(slot)  # the row never joins: its cache row is free again
+            raise
         self.rows.append(row)
-        kept, lps = row._commit([nxt], lps)
         return Emitted(row, kept, lps)
 
     def release(self, row: Row) -> None:
@@ -182,47 +190,56 @@ class Batch:
         B = len(rows)
         errors: dict[int, Exception] = {}
         t0 = time.perf_counter()
-        drafts = []
+        drafts, asked = [], []  # asked: the draft length each row was allowed
         for i, r in enumerate(rows):
+            k, d = 0, Draft([])
             try:
-                drafts.append(self._draft(r, i, cap))
+                k = self._room(r, i, cap)
+                d = self._draft(r, i, k)
             except Exception as e:  # noqa: BLE001 - fails this row only
                 errors[i] = e
-                drafts.append(Draft([]))
+            asked.append(k)
+            drafts.append(d)
         t1 = time.perf_counter()
         N = 1 + max(len(d.tokens) for d in drafts)
         inp = torch.zeros(B, N, dtype=torch.long)  # positions past a row's draft are padding, rolled back
         for i, (r, d) in enumerate(zip(rows, drafts)):
             inp[i, :1 + len(d.tokens)] = torch.tensor([r.tokens[-1]] + d.tokens)
         base = self.cache.lengths
-        outs = self._forward(inp)
+        outs = self._forward(inp, base)
         t2 = time.perf_counter()
         results = []
         for i, (r, d, o) in enumerate(zip(rows, drafts, outs)):
             e = errors.get(i, o if isinstance(o, Exception) else None)
             if e is None:
                 try:
-                    results.append(self._verify_commit(r, i, d, o, base[i], t1 - t0, t2 - t1))
+                    results.append(self._verify_commit(r, i, d, asked[i], o, base[i], t1 - t0, t2 - t1))
                     continue
                 except Exception as err:  # noqa: BLE001
                     e = err
             results.append(Emitted(r, [], error=e))
         return StepOut(results, N, t1 - t0, t2 - t1)
 
-    def _draft(self, r: Row, i: int, cap: int | None) -> Draft:
-        """Row i's draft: never past its token budget or its context."""
+    def _room(self, r: Row, i: int, cap: int | None) -> int:
+        """How many tokens row i may draft: its draft length, never past its token budget
+        or its context, nor the batch's cap."""
+        if r.drafter is None:
+            return 0
         room = min(r.stopper.sp.max_new_tokens - len(r.stopper.ids) - 1, r.max_len - self.cache.lengths[i] - 1)
-        k = min(r.k, room) if cap is None else min(r.k, room, cap)
-        if r.drafter is None or k <= 0:
+        return max(0, min(r.k, room) if cap is None else min(r.k, room, cap))
+
+    def _draft(self, r: Row, i: int, k: int) -> Draft:
+        if k <= 0:
             return Draft([])
         ctx = DraftContext(r.tokens, r.hidden, self.model, self.cache.rows(i, i + 1), 0, r.sp, r.gen)
         d = r.drafter.propose(ctx, k)
         return Draft(list(d.tokens[:k]), None if d.probs is None else d.probs[:k])
 
-    def _forward(self, inp: torch.Tensor) -> list:
+    def _forward(self, inp: torch.Tensor, base: tuple[int, ...]) -> list:
         """One target forward over every row: per row (logits [N, V], hidden [N, D]).
-        If a batch of several rows fails, each row is retried alone (the kernels are
-        row-invariant): a row that fails again gets its exception instead."""
+        If a batch of several rows fails, each row is retried alone from its length
+        before the attempt (the kernels are row-invariant): a row that fails again gets
+        its exception instead."""
         B = inp.shape[0]
         try:
             out = self.model(inp, self.cache.rows(0, B), logits="all")
@@ -230,16 +247,19 @@ class Batch:
         except Exception as e:  # noqa: BLE001 - find the row that caused it
             if B == 1:
                 return [e]
+            log.warning("batched forward failed; retrying row by row", exc_info=True)
         outs = []
         for i in range(B):
             try:
+                self.cache.truncate(i, min(base[i], self.cache.lengths[i]))  # the failed attempt may have advanced it
                 out = self.model(inp[i:i + 1], self.cache.rows(i, i + 1), logits="all")
                 outs.append((out.logits[0], out.hidden[0]))
             except Exception as e:  # noqa: BLE001
                 outs.append(e)
         return outs
 
-    def _verify_commit(self, r: Row, i: int, d: Draft, out, base: int, draft_s: float, verify_s: float) -> Emitted:
+    def _verify_commit(self, r: Row, i: int, d: Draft, asked: int, out, base: int, draft_s: float,
+                       verify_s: float) -> Emitted:
         """Accept a prefix of row i's draft, roll its cache row back past it, commit."""
         logits, hidden = out
         n = len(d.tokens)
@@ -258,7 +278,7 @@ class Batch:
         s.record(n, n_acc)
         if r.drafter is not None:
             r.drafter.observe(n_acc, n)
-            if r.adaptive:  # grow after a fully accepted (or empty) draft, else shrink to what was accepted
+            if r.adaptive and asked > 0:  # grow after a fully accepted (or empty) draft, else shrink to it
                 r.k = min(r.draft_len, r.k + 1) if n_acc == n else max(1, n_acc + 1)
         kept, lps = r._commit(emitted, lps)
         s.decode_tokens += len(kept)

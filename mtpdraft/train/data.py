@@ -110,8 +110,8 @@ def split_prompts(prompts: list[dict], heldout_frac: float, seed: int) -> tuple[
         total = sum(len(g) for g in groups)
         want = max(1, round(total * heldout_frac)) if heldout_frac > 0 and len(groups) > 1 else 0
         held: list[dict] = []
-        for g in groups:
-            (held if len(held) < want else train).extend(g)
+        for g in groups:  # a group that would overshoot the held-out share goes to training
+            (held if len(held) + len(g) <= want or (not held and want) else train).extend(g)
         held_by_cat.append(held)
     held = [h[i] for i in range(max((len(h) for h in held_by_cat), default=0)) for h in held_by_cat if i < len(h)]
     return train, held
