@@ -251,7 +251,7 @@ class Batch:
         outs = []
         for i in range(B):
             try:
-                self.cache.truncate(i, min(base[i], self.cache.lengths[i]))  # the failed attempt may have advanced it
+                self.cache.truncate(i, base[i])  # the failed attempt may have advanced it
                 out = self.model(inp[i:i + 1], self.cache.rows(i, i + 1), logits="all")
                 outs.append((out.logits[0], out.hidden[0]))
             except Exception as e:  # noqa: BLE001

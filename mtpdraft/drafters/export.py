@@ -138,8 +138,8 @@ def to_gemma4_assistant(d: MTPDrafter, target: CausalLM) -> Gemma4AssistantDraft
     if c.layer_types[-1] != "full_attention":
         raise ValueError(f"cannot express in gemma4_assistant: the drafter's last layer is {c.layer_types[-1]}, "
                          "the official format forces it to full_attention")
-    srcs = d.sources(target, target.new_cache(1, 8, 1))
-    for i, (layer, (attn, _)) in enumerate(zip(d.model.layers, srcs)):
+    srcs = d.source_attentions(target)
+    for i, (layer, attn) in enumerate(zip(d.model.layers, srcs)):
         if attn.head_dim != c.head_dim:
             raise ValueError(f"drafter does not match the target: its layer {i} ({layer.layer_type}) queries have "
                              f"head_dim {c.head_dim}, the target's {layer.layer_type} keys {attn.head_dim}")
@@ -154,7 +154,7 @@ def to_gemma4_assistant(d: MTPDrafter, target: CausalLM) -> Gemma4AssistantDraft
                 f"last verified position, the official one past it; folding the shift into q_proj needs layer {i}'s "
                 f"q_norm weights equal within each RoPE pair, and they differ). Train a "
                 f"mtpdraft.drafters.export.new_gemma4_assistant drafter instead")
-    windows = [at.window for at, _ in srcs if at.window]
+    windows = [at.window for at in srcs if at.window]
     if any(t == "sliding_attention" for t in c.layer_types) and a.sliding_window < 2:
         raise ValueError(f"cannot express in gemma4_assistant: sliding window {a.sliding_window} (needs >= 2)")
     # ours read W keys, the official W' + 1: W' = W - 1 gives the same keys
@@ -177,7 +177,7 @@ def to_gemma4_assistant(d: MTPDrafter, target: CausalLM) -> Gemma4AssistantDraft
             sd[k] = src[k].float() + 1.0  # ours: x * (1 + w); official: x * w
         else:
             sd[k] = src[k]
-    for i, (attn, _) in enumerate(srcs):
+    for i, attn in enumerate(srcs):
         k = f"model.layers.{i}.self_attn.q_proj.weight"
         sd[k] = _fold_query_shift(src[k], c.num_attention_heads, c.head_dim, attn.inv_freq)
     out.load_state_dict(sd)

@@ -97,7 +97,7 @@ class Gemma4AssistantDrafter(MTPDrafter):
         need = set(c.layer_types) - set(a.layer_types)
         if need:
             raise ValueError(f"drafter reads {sorted(need)} layers, which the target does not have")
-        for layer, (attn, _) in zip(self.model.layers, self.sources(target, target.new_cache(1, 8, 1))):
+        for layer, attn in zip(self.model.layers, self.source_attentions(target)):
             t, mine = layer.layer_type, layer.self_attn
             if mine.head_dim != attn.head_dim:
                 raise ValueError(f"drafter does not match the target: {t} head_dim {mine.head_dim} != {attn.head_dim}")

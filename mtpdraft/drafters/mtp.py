@@ -215,6 +215,10 @@ class MTPDrafter(nn.Module):
     def source_layers(self, target: CausalLM) -> list[int]:
         return source_layers([layer.layer_type for layer in self.model.layers], target)
 
+    def source_attentions(self, target: CausalLM) -> list:
+        """For each drafter layer, the target's Attention whose K/V (RoPE, window, scale) it reads."""
+        return [target.model.layers[i].self_attn for i in self.source_layers(target)]
+
     def sources(self, target: CausalLM, cache) -> list[tuple]:
         """For each drafter layer, (the target's Attention, its LayerCache) whose K/V it reads."""
         return [(target.model.layers[i].self_attn, cache.layers[i]) for i in self.source_layers(target)]

@@ -59,24 +59,25 @@ def passage_runs(p: dict) -> set[str]:
     return runs
 
 
-def _templates(prompts: list[dict]) -> set[str]:
-    counts = collections.Counter(r for p in prompts for r in passage_runs(p))
-    return {r for r, n in counts.items() if n >= TEMPLATE_PROMPTS}
+def _passages(prompts: list[dict]) -> list[set[str]]:
+    """Each prompt's passage runs, the corpus's instruction templates removed."""
+    runs = [passage_runs(p) for p in prompts]
+    counts = collections.Counter(r for rs in runs for r in rs)
+    return [{r for r in rs if counts[r] < TEMPLATE_PROMPTS} for rs in runs]
 
 
 def shared_passages(a: list[dict], b: list[dict]) -> list[tuple[str, str]]:
     """(id in a, id in b) of every pair of prompts that share a passage."""
-    templates = _templates(a + b)
+    runs = _passages(a + b)
     where: dict[str, list[str]] = {}
-    for p in a:
-        for r in passage_runs(p) - templates:
+    for p, rs in zip(a, runs):
+        for r in rs:
             where.setdefault(r, []).append(p["id"])
-    return sorted({(i, q["id"]) for q in b for r in passage_runs(q) - templates for i in where.get(r, [])})
+    return sorted({(i, q["id"]) for q, rs in zip(b, runs[len(a):]) for r in rs for i in where.get(r, [])})
 
 
 def passage_groups(prompts: list[dict]) -> list[list[dict]]:
     """The prompts in groups that share passages (transitively); singletons included."""
-    templates = _templates(prompts)
     parent = list(range(len(prompts)))
 
     def root(i: int) -> int:
@@ -86,8 +87,8 @@ def passage_groups(prompts: list[dict]) -> list[list[dict]]:
         return i
 
     first: dict[str, int] = {}
-    for i, p in enumerate(prompts):
-        for r in passage_runs(p) - templates:
+    for i, rs in enumerate(_passages(prompts)):
+        for r in rs:
             parent[root(i)] = root(first.setdefault(r, i))
     groups: dict[int, list[dict]] = {}
     for i, p in enumerate(prompts):

@@ -60,7 +60,7 @@ def draft_step(drafter: MTPDrafter, target: CausalLM, tokens: torch.Tensor, h: t
                                            attn_mask=masks[window], scale=srcs[j].scale)
         return o.transpose(1, 2)
 
-    srcs = [target.model.layers[i].self_attn for i in drafter.source_layers(target)]
+    srcs = drafter.source_attentions(target)
     return drafter.states(target, tokens, h, positions, srcs, attend)
 
 
