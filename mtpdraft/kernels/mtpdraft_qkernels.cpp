@@ -200,6 +200,18 @@ void dequant_row(const uint8_t* panel, int j, int64_t K, float* out) {
   }
 }
 
+// Software prefetch ~8 KB ahead of the block being decoded (the panels a thread walks are
+// one contiguous stream, so this runs into the next panel). Without it the stream stalls
+// while several rows compute: measured on the 262144 x 640 Q8_0 head, 2 threads, 7 rows
+// 9.7 -> 6.3 ms (1 row 5.3 -> 5.1 ms); 4-12 KB all gave about the same, 32 KB less.
+constexpr int64_t kPrefetch = 8192;
+template <int T>
+[[gnu::always_inline]] inline void prefetch_ahead(const uint8_t* panel, int64_t b) {
+  constexpr int64_t per_block = unit_bytes(T) / (unit_elems(T) / 32);  // bytes per 32 weights
+  const char* p = reinterpret_cast<const char*>(panel) + b * per_block + kPrefetch;
+  for (int64_t l = 0; l < per_block; l += 64) _mm_prefetch(p + l, _MM_HINT_T0);
+}
+
 #if MTP_AVX512
 // ---------------------------------------------------------------------------
 // AVX-512 + VNNI: a decoded block is 8 zmm (16 rows x 32 weights); one row of x
@@ -293,6 +305,7 @@ inline void panel_rows(const uint8_t* panel, const XQ& a, const int32_t* init, i
   for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
   Block wb;
   for (int64_t b = 0; b < nb; ++b) {
+    prefetch_ahead<T>(panel, b);
     decode<T>(panel, b, wb);
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
@@ -428,6 +441,7 @@ inline void panel_rows(const uint8_t* panel, const XQ& a, const int32_t* init, i
     for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
     Block wb;
     for (int64_t b = 0; b < nb; ++b) {
+      if (h == 0) prefetch_ahead<T>(panel, b);
       decode<T>(panel, b, h, wb);
 #pragma GCC unroll 8
       for (int g = 0; g < G; ++g) {
@@ -458,8 +472,6 @@ constexpr int kGroup = 4;
 #endif
 
 // one panel against all x rows, in groups of rows (grouping changes nothing per output).
-// (No software prefetch: the panels are one sequential stream, which the hardware
-// prefetchers follow; measured, prefetching ahead only slowed it.)
 template <int T>
 void panel_all(const uint8_t* panel, const XQ& a, const int32_t* init, float* y, int64_t ldy) {
   int64_t n = 0;
