@@ -295,6 +295,7 @@ typedef int32_t __attribute__((may_alias, aligned(1))) i32_unaligned;
 
 template <int T, int G>
 inline void panel_rows(const uint8_t* panel, const XQ& a, const int32_t* init, int64_t n0, float* y, int64_t ldy) {
+  const bool prefetch = n0 == 0;  // later groups of rows find the panel in cache
   const int64_t K = a.K, nb = a.nb;
   const int8_t* xq = a.q.data() + n0 * K;
   const float* dl = a.d.data() + n0 * nb;
@@ -305,7 +306,7 @@ inline void panel_rows(const uint8_t* panel, const XQ& a, const int32_t* init, i
   for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
   Block wb;
   for (int64_t b = 0; b < nb; ++b) {
-    prefetch_ahead<T>(panel, b);
+    if (prefetch) prefetch_ahead<T>(panel, b);
     decode<T>(panel, b, wb);
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
@@ -429,6 +430,7 @@ inline __m256i dot4(__m256i acc, __m256i w, const int8_t* x) {
 
 template <int T, int G>
 inline void panel_rows(const uint8_t* panel, const XQ& a, const int32_t* init, int64_t n0, float* y, int64_t ldy) {
+  const bool prefetch = n0 == 0;  // later groups of rows find the panel in cache
   constexpr bool sgn = T == T_Q8_0;
   const int64_t K = a.K, nb = a.nb;
   const int8_t* xq = a.q.data() + n0 * K;
@@ -441,7 +443,7 @@ inline void panel_rows(const uint8_t* panel, const XQ& a, const int32_t* init, i
     for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
     Block wb;
     for (int64_t b = 0; b < nb; ++b) {
-      if (h == 0) prefetch_ahead<T>(panel, b);
+      if (prefetch && h == 0) prefetch_ahead<T>(panel, b);
       decode<T>(panel, b, h, wb);
 #pragma GCC unroll 8
       for (int g = 0; g < G; ++g) {
