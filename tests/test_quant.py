@@ -110,6 +110,31 @@ def test_mixed_type_parts_equal_separate_calls():
     assert merged.types == ["Q5_0"] and len(merged.parts) == 1
 
 
+# the fp16 scale fields of each type's raw block (every other byte holds quantized values)
+SCALE_BYTES = {"Q8_0": slice(0, 2), "Q4_0": slice(0, 2), "Q5_0": slice(0, 2), "Q4_1": slice(0, 4),
+               "Q4_K": slice(0, 4), "Q6_K": slice(208, 210)}
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", TYPES)
+def test_qlinear_exact_at_extreme_values(qtype, isa):
+    """Every weight at its type's largest magnitude and activations all at +-127: the
+    kernels' 16-bit partial sums (AVX2 adds two maddubs pair sums) must not overflow."""
+    bs, bb = GGUF_BLOCK[qtype]
+    raw = random_gguf_blocks(qtype, 32, 512, seed=7).reshape(32, 512 // bs, bb)
+    fill = np.full(bb, 0x81 if qtype == "Q8_0" else 0xFF, dtype=np.uint8)  # Q8_0: -127; others: the top value
+    fill[SCALE_BYTES[qtype]] = raw[0, 0, SCALE_BYTES[qtype]]
+    raw[:] = fill
+    raw = raw.reshape(32, -1)
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).reshape(32, 512)
+                           .astype(np.float32))
+    w = K.QWeight([torch.from_numpy(repack_gguf(raw, qtype, 32, 512))], [qtype], 512)
+    x = torch.ones(3, 512)
+    x[1] = -1.0
+    x[2, ::2] = -1.0
+    got = K._qload(isa).qlinear(x, w.parts, w._ids)
+    torch.testing.assert_close(got, act_quant_reference(x, ref), rtol=1e-5, atol=1e-5)
+
 def test_q8_0_quantization_round_trip():
     w = torch.randn(48, 128, generator=torch.Generator().manual_seed(0)) * 0.05
     rec = quantize_q8_0(w)

@@ -214,7 +214,7 @@ def _build(src: Path, prefix: str, cflags: list[str]):
 
     build_dir.mkdir(parents=True, exist_ok=True)
     print(f"mtpdraft: compiling CPU kernels {src.stem} (once, ~1 min)...", file=sys.stderr, flush=True)
-    return load(name=name, sources=[str(src)], extra_cflags=cflags, extra_ldflags=_LDFLAGS,
+    return load(name=name, sources=[str(src)], extra_cflags=list(cflags), extra_ldflags=list(_LDFLAGS),  # load() extends the lists it gets
                 build_directory=str(build_dir), verbose=False)
 
 

@@ -204,7 +204,7 @@ void dequant_row(const uint8_t* panel, int j, int64_t K, float* out) {
 // one contiguous stream, so this runs into the next panel). Without it the stream stalls
 // while several rows compute: measured on the 262144 x 640 Q8_0 head, 2 threads, 7 rows
 // 9.7 -> 6.3 ms (1 row 5.3 -> 5.1 ms); 4-12 KB all gave about the same, 32 KB less.
-constexpr int64_t kPrefetch = 8192;
+constexpr int64_t kPrefetch = 65536;
 template <int T>
 [[gnu::always_inline]] inline void prefetch_ahead(const uint8_t* panel, int64_t b) {
   constexpr int64_t per_block = unit_bytes(T) / (unit_elems(T) / 32);  // bytes per 32 weights
@@ -419,55 +419,91 @@ template <int T>
   }
 }
 
-template <bool SIGNED>
-inline __m256i dot4(__m256i acc, __m256i w, const int8_t* x) {
-  const __m256i xv = _mm256_set1_epi32(load32(x));
-  __m256i p;
-  if constexpr (SIGNED) p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
-  else p = _mm256_maddubs_epi16(w, xv);
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+// 4 weights of 8 rows (w: u8 values < 64) times 4 activations broadcast: 16-bit pair sums
+inline __m256i mul4(__m256i w, const int8_t* x) { return _mm256_maddubs_epi16(w, _mm256_set1_epi32(load32(x))); }
+// Q8_0: |w| (hoisted by the caller) times x with w's sign
+inline __m256i mul4s(__m256i aw, __m256i w, const int8_t* x) {
+  return _mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_set1_epi32(load32(x)), w));
+}
+// acc += the 32-bit sums of 16-bit pair sums p
+inline __m256i widen_add(__m256i acc, __m256i p) { return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1))); }
+
+// one block (32 weights) of panel half h against G rows of x, into acc[0..G)
+template <int T, int G>
+[[gnu::always_inline]] inline void block_rows(const uint8_t* panel, int64_t b, int h, const int8_t* xq,
+                                              const float* dl, const float* cs, const int32_t* in, int64_t K,
+                                              int64_t nb, __m256* acc) {
+  constexpr bool sgn = T == T_Q8_0;
+  Block wb;
+  decode<T>(panel, b, h, wb);
+  __m256i aw[sgn ? 8 : 1];  // Q8_0: |w|, shared by every row
+  if constexpr (sgn)
+    for (int k = 0; k < 8; ++k) aw[k] = _mm256_sign_epi8(wb.w[k], wb.w[k]);
+#pragma GCC unroll 8
+  for (int g = 0; g < G; ++g) {
+    const int8_t* xb = xq + g * K + b * 32;
+    const __m256 dg = _mm256_set1_ps(dl[g * nb + b]);
+    if constexpr (T == T_Q6_K) {
+#pragma GCC unroll 2
+      for (int H = 0; H < 2; ++H) {
+        __m256i li = _mm256_set1_epi32(in[(g * nb + b) * 2 + H]);
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c += 2)  // two 16-bit pair sums add without overflow: |u x| < 64 * 128
+          li = widen_add(li, _mm256_add_epi16(mul4(wb.w[4 * H + c], xb + 16 * H + 4 * c),
+                                              mul4(wb.w[4 * H + c + 1], xb + 16 * H + 4 * c + 4)));
+        acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(li), _mm256_mul_ps(H ? wb.s1 : wb.s0, dg), acc[g]);
+      }
+    } else {
+      __m256i li = _mm256_set1_epi32(in[g * nb + b]);
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; k += 2) {
+        if constexpr (sgn) {  // Q8_0: pair sums reach 2 * 127 * 127, so widen each one
+          li = widen_add(li, mul4s(aw[k], wb.w[k], xb + 4 * k));
+          li = widen_add(li, mul4s(aw[k + 1], wb.w[k + 1], xb + 4 * k + 4));
+        } else {  // values < 64: two pair sums add without overflow
+          li = widen_add(li, _mm256_add_epi16(mul4(wb.w[k], xb + 4 * k), mul4(wb.w[k + 1], xb + 4 * k + 4)));
+        }
+      }
+      acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(li), _mm256_mul_ps(wb.s0, dg), acc[g]);
+      if constexpr (T == T_Q4_1) acc[g] = _mm256_fmadd_ps(wb.m, _mm256_set1_ps(cs[g * nb + b]), acc[g]);
+      if constexpr (T == T_Q4_K) acc[g] = _mm256_fnmadd_ps(wb.m, _mm256_set1_ps(cs[g * nb + b]), acc[g]);
+    }
+  }
 }
 
 template <int T, int G>
 inline void panel_rows(const uint8_t* panel, const XQ& a, const int32_t* init, int64_t n0, float* y, int64_t ldy) {
   const bool prefetch = n0 == 0;  // later groups of rows find the panel in cache
-  constexpr bool sgn = T == T_Q8_0;
   const int64_t K = a.K, nb = a.nb;
   const int8_t* xq = a.q.data() + n0 * K;
   const float* dl = a.d.data() + n0 * nb;
   const float* cs = a.cs.data() + n0 * nb;
   constexpr int64_t ipr = T == T_Q6_K ? 2 : 1;
   const int32_t* in = init + n0 * nb * ipr;
-  for (int h = 0; h < 2; ++h) {
-    __m256 acc[G];
-    for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
-    Block wb;
+  if constexpr (G <= 2) {
+    // few rows: both halves of each block in one sweep of the panel (the stream is read
+    // once, in order); each output still accumulates over b in the same order
+    __m256 acc[2][G];
+    for (int h = 0; h < 2; ++h)
+      for (int g = 0; g < G; ++g) acc[h][g] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-      if (prefetch && h == 0) prefetch_ahead<T>(panel, b);
-      decode<T>(panel, b, h, wb);
-#pragma GCC unroll 8
-      for (int g = 0; g < G; ++g) {
-        const int8_t* xb = xq + g * K + b * 32;
-        const __m256 dg = _mm256_set1_ps(dl[g * nb + b]);
-        if constexpr (T == T_Q6_K) {
-#pragma GCC unroll 2
-          for (int H = 0; H < 2; ++H) {
-            __m256i li = _mm256_set1_epi32(in[(g * nb + b) * 2 + H]);
-#pragma GCC unroll 4
-            for (int c = 0; c < 4; ++c) li = dot4<false>(li, wb.w[4 * H + c], xb + 16 * H + 4 * c);
-            acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(li), _mm256_mul_ps(H ? wb.s1 : wb.s0, dg), acc[g]);
-          }
-        } else {
-          __m256i li = _mm256_set1_epi32(in[g * nb + b]);
-#pragma GCC unroll 8
-          for (int k = 0; k < 8; ++k) li = dot4<sgn>(li, wb.w[k], xb + 4 * k);
-          acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(li), _mm256_mul_ps(wb.s0, dg), acc[g]);
-          if constexpr (T == T_Q4_1) acc[g] = _mm256_fmadd_ps(wb.m, _mm256_set1_ps(cs[g * nb + b]), acc[g]);
-          if constexpr (T == T_Q4_K) acc[g] = _mm256_fnmadd_ps(wb.m, _mm256_set1_ps(cs[g * nb + b]), acc[g]);
-        }
-      }
+      if (prefetch) prefetch_ahead<T>(panel, b);
+      for (int h = 0; h < 2; ++h) block_rows<T, G>(panel, b, h, xq, dl, cs, in, K, nb, acc[h]);
     }
-    for (int g = 0; g < G; ++g) _mm256_storeu_ps(y + g * ldy + 8 * h, acc[g]);
+    for (int h = 0; h < 2; ++h)
+      for (int g = 0; g < G; ++g) _mm256_storeu_ps(y + g * ldy + 8 * h, acc[h][g]);
+  } else {
+    // more rows: one half at a time (a whole block's registers and G accumulators do not
+    // fit the 16 ymm registers together)
+    for (int h = 0; h < 2; ++h) {
+      __m256 acc[G];
+      for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) {
+        if (prefetch && h == 0) prefetch_ahead<T>(panel, b);
+        block_rows<T, G>(panel, b, h, xq, dl, cs, in, K, nb, acc);
+      }
+      for (int g = 0; g < G; ++g) _mm256_storeu_ps(y + g * ldy + 8 * h, acc[g]);
+    }
   }
 }
 constexpr int kGroup = 4;
