@@ -464,16 +464,17 @@ inline float exp_sub_sum(float* lg, int64_t L, float m) {
 }
 
 // HB query heads x JB keys dot products at once (independent FMA chains; each
-// dot has exactly the arithmetic of dot_qk<float>).
-template <int HB, int JB>
-inline void dots_block(const float* q, int64_t D, const float* const* kp, float* res /*[HB][JB]*/) {
+// dot has exactly the arithmetic of dot_qk<float>). Keys are read in the cache's own
+// type (bf16 -> fp32 is exact, so reading it converted or not gives the same bits).
+template <int HB, int JB, typename KT>
+inline void dots_block(const float* q, int64_t D, const KT* const* kp, float* res /*[HB][JB]*/) {
   __m256 acc[HB][JB];
   for (int h = 0; h < HB; ++h)
     for (int j = 0; j < JB; ++j) acc[h][j] = _mm256_setzero_ps();
   const int64_t D8 = D & ~int64_t(7);
   for (int64_t d = 0; d < D8; d += 8) {
     __m256 kv[JB];
-    for (int j = 0; j < JB; ++j) kv[j] = _mm256_loadu_ps(kp[j] + d);
+    for (int j = 0; j < JB; ++j) kv[j] = load8<KT>(kp[j] + d);
     for (int h = 0; h < HB; ++h) {
       const __m256 qv = _mm256_loadu_ps(q + h * D + d);
       for (int j = 0; j < JB; ++j) acc[h][j] = _mm256_fmadd_ps(qv, kv[j], acc[h][j]);
@@ -482,22 +483,22 @@ inline void dots_block(const float* q, int64_t D, const float* const* kp, float*
   for (int h = 0; h < HB; ++h)
     for (int j = 0; j < JB; ++j) {
       float s = hsum8(acc[h][j]);
-      for (int64_t d = D8; d < D; ++d) s = std::fma(q[h * D + d], kp[j][d], s);
+      for (int64_t d = D8; d < D; ++d) s = std::fma(q[h * D + d], to_f32(kp[j][d]), s);
       res[h * JB + j] = s;
     }
 }
 
 // For HB heads of one query row: o[h][d] = sum_j p[h][j] * v_j[d] with the fixed
 // per-element sequence acc = fma(p_j, v_j[d], acc), j = 0..L-1 increasing.
-template <int HB, int R>
-inline void pv_chunk(const float* const* prow, int64_t L, const float* const* vrows, int64_t d0,
+template <int HB, int R, typename KT>
+inline void pv_chunk(const float* const* prow, int64_t L, const KT* const* vrows, int64_t d0,
                      float* const* orow) {
   __m256 acc[HB][R];
   for (int h = 0; h < HB; ++h)
     for (int r = 0; r < R; ++r) acc[h][r] = _mm256_setzero_ps();
   for (int64_t j = 0; j < L; ++j) {
     __m256 vv[R];
-    for (int r = 0; r < R; ++r) vv[r] = _mm256_loadu_ps(vrows[j] + d0 + 8 * r);
+    for (int r = 0; r < R; ++r) vv[r] = load8<KT>(vrows[j] + d0 + 8 * r);
     for (int h = 0; h < HB; ++h) {
       const __m256 pb = _mm256_set1_ps(prow[h][j]);
       for (int r = 0; r < R; ++r) acc[h][r] = _mm256_fmadd_ps(pb, vv[r], acc[h][r]);
@@ -507,28 +508,22 @@ inline void pv_chunk(const float* const* prow, int64_t L, const float* const* vr
     for (int r = 0; r < R; ++r) _mm256_storeu_ps(orow[h] + d0 + 8 * r, acc[h][r]);
 }
 
-template <int HB>
-inline void pv_heads(const float* const* prow, int64_t L, const float* const* vrows, int64_t D,
+template <int HB, typename KT>
+inline void pv_heads(const float* const* prow, int64_t L, const KT* const* vrows, int64_t D,
                      float* const* orow) {
   int64_t d = 0;
   if constexpr (HB <= 2)
-    for (; d + 32 <= D; d += 32) pv_chunk<HB, 4>(prow, L, vrows, d, orow);
-  for (; d + 16 <= D; d += 16) pv_chunk<HB, 2>(prow, L, vrows, d, orow);
-  for (; d + 8 <= D; d += 8) pv_chunk<HB, 1>(prow, L, vrows, d, orow);
+    for (; d + 32 <= D; d += 32) pv_chunk<HB, 4, KT>(prow, L, vrows, d, orow);
+  for (; d + 16 <= D; d += 16) pv_chunk<HB, 2, KT>(prow, L, vrows, d, orow);
+  for (; d + 8 <= D; d += 8) pv_chunk<HB, 1, KT>(prow, L, vrows, d, orow);
   for (; d < D; ++d)
     for (int h = 0; h < HB; ++h) {
       float a = 0.f;
-      for (int64_t j = 0; j < L; ++j) a = std::fma(prow[h][j], vrows[j][d], a);
+      for (int64_t j = 0; j < L; ++j) a = std::fma(prow[h][j], to_f32(vrows[j][d]), a);
       orow[h][d] = a;
     }
 }
 
-inline void to_f32_row(const float* src, float* dst, int64_t D) { std::memcpy(dst, src, D * sizeof(float)); }
-inline void to_f32_row(const uint16_t* src, float* dst, int64_t D) {
-  const int64_t D8 = D & ~int64_t(7);
-  for (int64_t d = 0; d < D8; d += 8) _mm256_storeu_ps(dst + d, load8_bf16(src + d));
-  for (int64_t d = D8; d < D; ++d) dst[d] = bf16_to_f32(src[d]);
-}
 
 // One task = (batch b, kv head g, a sub-range of its query heads, a block of query rows).
 // Keys/values are read once per task for all its queries.  For each query the
@@ -553,8 +548,8 @@ void attention_impl(const float* q, const KT* kc, const KT* vc, const int64_t* p
   hsplit = (G + HB - 1) / HB;
   const int64_t ntasks = B * Hkv * qsplit * hsplit;
   at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> logits, sums, kbuf, vbuf;
-    std::vector<const float*> krows, vrows;
+    std::vector<float> logits, sums;
+    std::vector<const KT*> krows, vrows;
     std::vector<int64_t> los, his;
     for (int64_t t = t0; t < t1; ++t) {
       int64_t r = t;
@@ -589,24 +584,13 @@ void attention_impl(const float* q, const KT* kc, const KT* vc, const int64_t* p
       const KT* kb = kc + (b * C * Hkv + g) * D;
       const KT* vb = vc + (b * C * Hkv + g) * D;
       const int64_t kstride = Hkv * D;
-      // fp32 views of the key / value rows jmin..jmax (converted once if bf16)
+      // the key / value rows jmin..jmax, in the cache's type
       const int64_t J = jmax - jmin + 1;
       krows.resize(J);
       vrows.resize(J);
-      if constexpr (std::is_same<KT, float>::value) {
-        for (int64_t j = jmin; j <= jmax; ++j) {
-          krows[j - jmin] = kb + (j % C) * kstride;
-          vrows[j - jmin] = vb + (j % C) * kstride;
-        }
-      } else {
-        kbuf.resize(static_cast<size_t>(J * D));
-        vbuf.resize(static_cast<size_t>(J * D));
-        for (int64_t j = jmin; j <= jmax; ++j) {
-          to_f32_row(kb + (j % C) * kstride, kbuf.data() + (j - jmin) * D, D);
-          to_f32_row(vb + (j % C) * kstride, vbuf.data() + (j - jmin) * D, D);
-          krows[j - jmin] = kbuf.data() + (j - jmin) * D;
-          vrows[j - jmin] = vbuf.data() + (j - jmin) * D;
-        }
+      for (int64_t j = jmin; j <= jmax; ++j) {
+        krows[j - jmin] = kb + (j % C) * kstride;
+        vrows[j - jmin] = vb + (j % C) * kstride;
       }
       // pass 1: logits (blocks of 4 keys x up to 3 heads; out-of-range keys of a
       // block are computed on a duplicate row and discarded)
@@ -615,7 +599,7 @@ void attention_impl(const float* q, const KT* kc, const KT* vc, const int64_t* p
         if (hi < lo) continue;
         const float* qi = q + ((b * N + i0 + ii) * H + h0) * D;
         for (int64_t j0 = lo; j0 <= hi; j0 += 4) {
-          const float* kp[4];
+          const KT* kp[4];
           for (int jj = 0; jj < 4; ++jj) kp[jj] = krows[std::min(j0 + jj, hi) - jmin];
           const int64_t nj = std::min<int64_t>(4, hi - j0 + 1);
           for (int64_t h = 0; h < nh;) {
@@ -652,7 +636,7 @@ void attention_impl(const float* q, const KT* kc, const KT* vc, const int64_t* p
         const int64_t lo = los[ii], hi = his[ii];
         if (hi < lo) continue;
         const int64_t L = hi - lo + 1;
-        const float* const* vr = vrows.data() + (lo - jmin);
+        const KT* const* vr = vrows.data() + (lo - jmin);
         float* o = out + ((b * N + i0 + ii) * H + h0) * D;
         for (int64_t h = 0; h < nh;) {
           const float* pr[6];
