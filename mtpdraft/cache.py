@@ -96,13 +96,12 @@ class KVCache:
     def positions(self, n: int, rows: list[int] | None = None) -> torch.Tensor:
         """Positions [B, n] of n new tokens appended to each row."""
         rows = range(self.batch) if rows is None else rows
-        start = torch.tensor([self._all[self._row(r)] for r in rows]).unsqueeze(1)
-        pos = start + torch.arange(n).unsqueeze(0)
+        starts = [self._all[self._row(r)] for r in rows]
         if n > self.max_chunk:
             raise ValueError(f"a forward takes at most {self.max_chunk} tokens, got {n}")
-        if int(pos.max()) >= self.max_len:
-            raise ValueError(f"context full: {int(pos.max()) + 1} tokens exceed max_len={self.max_len}")
-        return pos
+        if starts and max(starts) + n > self.max_len:
+            raise ValueError(f"context full: {max(starts) + n} tokens exceed max_len={self.max_len}")
+        return torch.tensor([[s + i for i in range(n)] for s in starts], dtype=torch.long).reshape(len(starts), n)
 
     def advance(self, n: int, rows: list[int] | None = None) -> None:
         for r in range(self.batch) if rows is None else rows:

@@ -309,10 +309,10 @@ def linear(x: torch.Tensor, w: "torch.Tensor | Packed | QWeight") -> torch.Tenso
     if isinstance(w, Packed):
         # decode and verification sizes: the packed kernels stream the weights once and
         # overlap that with the arithmetic; prefill uses the row-major kernel. Same bits.
-        if mod and w.fresh and x.device.type == "cpu" and x.numel() <= PACKED_MAX_ROWS * x.shape[-1]:
+        if mod and w.fresh and x.is_cpu and x.numel() <= PACKED_MAX_ROWS * x.shape[-1]:
             return mod.linear_packed(x if x.dtype == torch.float32 else x.float(), w.data, w.shape[0])
         w = w.source
-    if mod and x.device.type == "cpu" and w.device.type == "cpu":
+    if mod and x.is_cpu and w.is_cpu:
         if x.dtype != torch.float32:
             x = x.float()
         if w.dtype not in (torch.float32, torch.bfloat16):
@@ -340,7 +340,7 @@ def attention(
     each (b, i, h) result is bit-identical whatever N, B and the other rows are.
     """
     mod = _native if _native is not None else _load()
-    if mod and q.device.type == "cpu":
+    if mod and q.is_cpu:
         if q.dtype != torch.float32:
             q = q.float()
         if k_cache.dtype not in (torch.float32, torch.bfloat16):
@@ -354,7 +354,7 @@ def attention(
 def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
     """Row-wise RMSNorm in fp32: x / rms(x) * (w + offset); x: [..., D]."""
     mod = _native if _native is not None else _load()
-    if mod and x.dtype == torch.float32 and x.device.type == "cpu":
+    if mod and x.dtype == torch.float32 and x.is_cpu:
         return mod.rmsnorm(x, w, eps, offset)
     return reference_rmsnorm(x, w, eps, offset)
 
@@ -363,7 +363,7 @@ def add_rmsnorm(x, h, w_post, w_next, eps: float, offset: float = 0.0):
     """A block's residual step: x' = x + (rmsnorm(h, w_post) if w_post is given else h),
     y = rmsnorm(x', w_next) (None without w_next). Returns (x', y)."""
     mod = _native if _native is not None else _load()
-    if mod and x.dtype == torch.float32 and h.dtype == torch.float32 and x.device.type == "cpu":
+    if mod and x.dtype == torch.float32 and h.dtype == torch.float32 and x.is_cpu:
         out = mod.add_rmsnorm(x, h, w_post, w_next, eps, offset)
         return out[0], (out[1] if len(out) > 1 else None)
     return reference_add_rmsnorm(x, h, w_post, w_next, eps, offset)
@@ -372,7 +372,7 @@ def add_rmsnorm(x, h, w_post, w_next, eps: float, offset: float = 0.0):
 def gated_act(gu: torch.Tensor, act: str) -> torch.Tensor:
     """act(gate) * up for gu = [gate | up] on the last dim; act: gelu_tanh | silu."""
     mod = _native if _native is not None else _load()
-    if mod and gu.dtype == torch.float32 and gu.device.type == "cpu":
+    if mod and gu.dtype == torch.float32 and gu.is_cpu:
         return mod.gated_act(gu, ACTS[act])
     return reference_gated_act(gu, act)
 
@@ -385,7 +385,7 @@ def qkv_rope_cache(qkv, positions, heads: int, kv_heads: int, q_norm, k_norm, ep
     the raw k (K as V); 2: qkv is q alone and nothing is written. v_norm: v is
     RMS-normed without a scale before it is cached."""
     mod = _native if _native is not None else _load()
-    if mod and qkv.dtype == torch.float32 and qkv.device.type == "cpu":
+    if mod and qkv.dtype == torch.float32 and qkv.is_cpu:
         return mod.qkv_rope_cache(qkv, positions, heads, kv_heads, q_norm, k_norm, eps, offset, inv_freq,
                                   k_cache, v_cache, kv_mode, v_norm)
     return reference_qkv_rope_cache(qkv, positions, heads, kv_heads, q_norm, k_norm, eps, offset, inv_freq,
@@ -397,7 +397,7 @@ def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     of the row count and thread count by construction (torch.tanh chunks by element
     count and threads and promises nothing about it)."""
     mod = _native if _native is not None else _load()
-    if mod and x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() and not x.requires_grad:
+    if mod and x.dtype == torch.float32 and x.is_cpu and x.is_contiguous() and not x.requires_grad:
         mod.softcap_(x, cap)
         return x
     return reference_softcap(x, cap)
@@ -524,7 +524,7 @@ def qlinear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     """y = x @ w.T for a quantized weight: x [..., K] fp32 -> [..., O] fp32, activations
     quantized per row in blocks of 32; each row bit-identical however many share the call."""
     mod = _qload()
-    if mod and x.device.type == "cpu":
+    if mod and x.is_cpu:
         return mod.qlinear(x if x.dtype == torch.float32 else x.float(), w.parts, w._ids)
     return F.linear(x.float(), w.dequantize())
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from ..cache import LayerCache
 from .. import kernels
-from ..layers import Attention, GatedMLP, RMSNorm, rope_inv_freq
+from ..layers import Attention, GatedMLP, Module, RMSNorm, rope_inv_freq
 from .base import CausalLM
 
 
@@ -53,7 +52,7 @@ class ModelArgs:
         return cls(**{k: v for k, v in cfg.items() if k in names and names[k].init})
 
 
-class Block(nn.Module):
+class Block(Module):
     def __init__(self, a: ModelArgs, i: int, inv_freqs: dict[str, torch.Tensor]):
         super().__init__()
         sliding = a.layer_types[i] == "sliding_attention"

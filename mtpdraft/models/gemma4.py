@@ -21,7 +21,7 @@ from torch import nn
 from ..cache import KVCache, LayerCache
 from .. import kernels
 from ..kernels import attention
-from ..layers import GatedMLP, Linear, RMSNorm, fuse_weights, linear
+from ..layers import GatedMLP, Linear, Module, RMSNorm, fuse_weights, linear
 from .base import CausalLM
 
 
@@ -146,7 +146,7 @@ def gelu_gated(gate_up: torch.Tensor) -> torch.Tensor:
     return kernels.gated_act(gate_up, "gelu_tanh")
 
 
-class Attention(nn.Module):
+class Attention(Module):
     """Gemma 4 attention. A KV-shared layer has no K/V projections: its cache entry is
     the source layer's LayerCache object, which it reads without writing."""
 
@@ -209,7 +209,7 @@ class MLP(GatedMLP):
         super().__init__(hidden, inter, "gelu_tanh")
 
 
-class Router(nn.Module):
+class Router(Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.eps, self.top_k, self.root = a.rms_norm_eps, a.top_k_experts, a.hidden_size ** -0.5
@@ -226,7 +226,7 @@ class Router(nn.Module):
         return w * self.per_expert_scale[idx], idx
 
 
-class Experts(nn.Module):
+class Experts(Module):
     """Expert weights as 3-D tensors, as the checkpoint stores them."""
 
     def __init__(self, a: ModelArgs):
@@ -248,7 +248,7 @@ class Experts(nn.Module):
         return out
 
 
-class Block(nn.Module):
+class Block(Module):
     def __init__(self, a: ModelArgs, i: int):
         super().__init__()
         self.self_attn = Attention(a, i)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from ..cache import LayerCache
 from .. import kernels
-from ..layers import Attention, GatedMLP, RMSNorm, rope_inv_freq
+from ..layers import Attention, GatedMLP, Module, RMSNorm, rope_inv_freq
 from .base import CausalLM
 
 
@@ -50,7 +49,7 @@ class ModelArgs:
         return cls(**{k: v for k, v in cfg.items() if k in names and names[k].init})
 
 
-class Block(nn.Module):
+class Block(Module):
     def __init__(self, a: ModelArgs, inv_freq: torch.Tensor):
         super().__init__()
         self.self_attn = Attention(
