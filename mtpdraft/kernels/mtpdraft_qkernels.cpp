@@ -200,11 +200,12 @@ void dequant_row(const uint8_t* panel, int j, int64_t K, float* out) {
   }
 }
 
-// Software prefetch ~8 KB ahead of the block being decoded (the panels a thread walks are
+// Software prefetch kPrefetch bytes ahead of the block being decoded (the panels a thread walks are
 // one contiguous stream, so this runs into the next panel). Without it the stream stalls
 // while several rows compute: measured on the 262144 x 640 Q8_0 head, 2 threads, 7 rows
-// 9.7 -> 6.3 ms (1 row 5.3 -> 5.1 ms); 4-12 KB all gave about the same, 32 KB less.
-constexpr int64_t kPrefetch = 65536;
+// 9.7 -> 6.3 ms (1 row 5.3 -> 5.1 ms); 4-12 KB all gave about the same, 32 KB less (Zen 4).
+// The AVX2 build's figures (Zen 3) were measured with 64 KB; 2-128 KB were within noise there.
+constexpr int64_t kPrefetch = MTP_AVX512 ? 8192 : 65536;
 template <int T>
 [[gnu::always_inline]] inline void prefetch_ahead(const uint8_t* panel, int64_t b) {
   constexpr int64_t per_block = unit_bytes(T) / (unit_elems(T) / 32);  // bytes per 32 weights
