@@ -16,6 +16,9 @@ from mtpdraft.testing import tiny_model_dir
 
 TYPES = list(GGUF_BLOCK)
 ISAS = ["avx2"] + (["avx512-vnni"] if K.quant_isa() == "avx512-vnni" else [])
+# the fp16 scale fields of each type's raw block (every other byte holds quantized values)
+SCALE_BYTES = {"Q8_0": slice(0, 2), "Q4_0": slice(0, 2), "Q5_0": slice(0, 2), "Q4_1": slice(0, 4),
+               "Q4_K": slice(0, 4), "Q6_K": slice(208, 210)}
 
 
 def random_gguf_blocks(qtype: str, rows: int, k: int, seed: int) -> np.ndarray:
@@ -27,14 +30,8 @@ def random_gguf_blocks(qtype: str, rows: int, k: int, seed: int) -> np.ndarray:
     def f16(n):
         return (rng.uniform(0.5, 2.0, size=(rows, k // bs, n)) * 2e-3).astype(np.float16).view(np.uint8)
 
-    if qtype in ("Q8_0", "Q4_0", "Q5_0"):
-        raw[..., 0:2] = f16(1)
-    elif qtype == "Q4_1":
-        raw[..., 0:4] = f16(2)
-    elif qtype == "Q4_K":
-        raw[..., 0:4] = f16(2)
-    elif qtype == "Q6_K":
-        raw[..., 208:210] = f16(1)
+    s = SCALE_BYTES[qtype]
+    raw[..., s] = f16((s.stop - s.start) // 2)
     return raw.reshape(rows, -1)
 
 
@@ -108,11 +105,6 @@ def test_mixed_type_parts_equal_separate_calls():
     assert torch.equal(K.qlinear(x, fused), want)
     merged = K.QWeight.cat([a, c])  # adjacent parts of one type become one tensor
     assert merged.types == ["Q5_0"] and len(merged.parts) == 1
-
-
-# the fp16 scale fields of each type's raw block (every other byte holds quantized values)
-SCALE_BYTES = {"Q8_0": slice(0, 2), "Q4_0": slice(0, 2), "Q5_0": slice(0, 2), "Q4_1": slice(0, 4),
-               "Q4_K": slice(0, 4), "Q6_K": slice(208, 210)}
 
 
 @pytest.mark.parametrize("isa", ISAS)

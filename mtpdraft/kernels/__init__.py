@@ -214,7 +214,8 @@ def _build(src: Path, prefix: str, cflags: list[str]):
 
     build_dir.mkdir(parents=True, exist_ok=True)
     print(f"mtpdraft: compiling CPU kernels {src.stem} (once, ~1 min)...", file=sys.stderr, flush=True)
-    return load(name=name, sources=[str(src)], extra_cflags=list(cflags), extra_ldflags=list(_LDFLAGS),  # load() extends the lists it gets
+    # copies: load() extends the flag lists it is given (which would change later builds' cache keys)
+    return load(name=name, sources=[str(src)], extra_cflags=list(cflags), extra_ldflags=list(_LDFLAGS),
                 build_directory=str(build_dir), verbose=False)
 
 
