@@ -1,4 +1,5 @@
-"""Pick a draft length on held-out *training* prompts (never the bench set).
+"""Pick a draft length on the validation prompts of `mtpdraft train`'s split (never the
+eval or bench prompts).
 
     python benchmarks/draft_len.py --drafter auto --ks 4,5,6,a6,a8
     python benchmarks/draft_len.py --drafter ngram --ks 4,6 --limit 20
@@ -16,7 +17,7 @@ import mtpdraft
 from mtpdraft.config import SamplingParams, SpecParams, Stats
 from mtpdraft.decoding.engine import generate
 from mtpdraft.drafters import make_drafter
-from mtpdraft.train.data import load_prompts, split_prompts
+from mtpdraft.train.data import load_prompts, split_sets
 from mtpdraft.train.train import TrainConfig
 
 
@@ -25,12 +26,12 @@ def main():
     ap.add_argument("--model", default="gemma-3-270m")
     ap.add_argument("--drafter", default="auto")
     ap.add_argument("--ks", default="4,5,6")
-    ap.add_argument("--limit", type=int, default=0, help="first N held-out prompts (0 = all)")
+    ap.add_argument("--limit", type=int, default=0, help="first N validation prompts (0 = all)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="auto", help="weights: auto | gguf | q8_0 | bf16 | fp32")
     a = ap.parse_args()
     cfg = TrainConfig()
-    _, held = split_prompts(load_prompts(), cfg.heldout_frac, cfg.seed)  # the split `mtpdraft train` holds out
+    _, held, _ = split_sets(load_prompts(), cfg.val_prompts_frac, cfg.eval_prompts_frac, cfg.seed)  # validation
     held = held[: a.limit] if a.limit else held
     model, tok = mtpdraft.load(a.model, a.dtype)
     drafter = make_drafter(a.drafter, model, a.model)
@@ -46,7 +47,7 @@ def main():
             out = list(generate(model, ids, sp, drafter=drafter, spec=specs[k], tokenizer=tok, stats=st[k]))
             assert out == ref, f"prompt {p['id']}: k={k} output differs from plain decoding"
     base = st["plain"].decode_tokens / st["plain"].decode_s
-    print(f"{a.model} {model.weights_format}, drafter {a.drafter}, {len(held)} held-out prompts, {a.max_new_tokens} tokens: "
+    print(f"{a.model} {model.weights_format}, drafter {a.drafter}, {len(held)} validation prompts, {a.max_new_tokens} tokens: "
           f"plain {base:.1f} tok/s")
     for k in ks:
         s = st[k]

@@ -43,9 +43,23 @@ VERSION = "0.3.36"
 TARGETS = ["llama-bench", "llama-speculative-simple", "llama-simple"]
 
 
-def build_llamacpp() -> Path:
-    """Binaries directory of a llama.cpp build from the llama-cpp-python sdist (cached)."""
-    root = cache_root() / "llamacpp" / VERSION
+def _cpu_has_amx() -> bool:
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def build_llamacpp(no_amx: bool | None = None) -> Path:
+    """Binaries directory of a llama.cpp build from the llama-cpp-python sdist (cached).
+
+    A native build on a CPU with AMX compiles ggml's AMX matmul, which crashed (SIGSEGV in
+    ggml_backend_amx_mul_mat) on every multi-token batch of this version here (Xeon with
+    AMX, 2026-12-04), prompts included; only `llama-bench -p 0` ran, and decoded faster
+    (~78 vs ~50 tok/s, 2 threads) than without AMX. no_amx (default: when the CPU has AMX)
+    builds without it, i.e. with the AVX-512 VNNI kernels, which run everything."""
+    no_amx = _cpu_has_amx() if no_amx is None else no_amx
+    root = cache_root() / "llamacpp" / (VERSION + ("-noamx" if no_amx else ""))
     bins = root / "src" / "build" / "bin"
     if all((bins / t).is_file() for t in TARGETS):
         return bins
@@ -62,8 +76,10 @@ def build_llamacpp() -> Path:
             vendored = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
             vendored.rename(src)
     print("llama.cpp: building (once, several minutes)...", file=sys.stderr, flush=True)
+    flags = ["-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+             "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"] if no_amx else []
     subprocess.run(["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
-                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"], cwd=src, check=True,
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", *flags], cwd=src, check=True,
                    stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", "build", "-j", str(os.cpu_count() or 2), "--target", *TARGETS], cwd=src,
                    check=True, stdout=subprocess.DEVNULL)
@@ -146,6 +162,9 @@ def main():
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     bins = build_llamacpp()
+    # plain decode: llama-bench on every build that runs it, its best counts (on an AMX CPU
+    # the AMX build decodes fastest but cannot process a prompt: text and speculation use `bins`)
+    bench_bins = {"native": bins} if not _cpu_has_amx() else {"no-AMX": bins, "AMX": build_llamacpp(no_amx=False)}
     gguf = bundled_gguf(args.model)
     model, tok = mtpdraft.load(args.model)  # default weights: the same file's blocks
     prompts = [p for p in load_prompts(None) if not p.multi_turn][: args.limit]
@@ -158,9 +177,13 @@ def main():
         r = {"llama_plain_tps": [], "ours_plain_tps": [], "llama_spec_tps": [], "ours_auto_tps": [],
              "llama_spec_identical": 0, "ours_auto_identical": 0, "llama_accept_pct": [], "ours_tau": []}
         drafter = make_drafter("auto", model, args.model)
+        ours(model, tok, prompts[0].turns[0], 16, drafter)  # warm-up (llama.cpp's figures exclude loading too)
         for i, p in enumerate(prompts):  # interleaved per prompt
             if i % 4 == 0:
-                r["llama_plain_tps"].append(llama_bench(bins, gguf, n, threads))
+                by_build = {b: llama_bench(path, gguf, n, threads) for b, path in bench_bins.items()}
+                r["llama_plain_tps"].append(max(by_build.values()))
+                for b, v in by_build.items():
+                    r.setdefault(f"llama_plain_tps_{b}", []).append(v)
             plain_ids, plain_text, tps, _ = ours(model, tok, p.turns[0], n, None)
             r["ours_plain_tps"].append(tps)
             text, tps, acc = llama_spec(bins, gguf, p.turns[0], n, threads)

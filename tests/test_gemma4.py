@@ -6,7 +6,7 @@ DESIGN.md 7), so its reference runs in a subprocess with transformers 5.10.4,
 found through MTPDRAFT_TF_REFERENCE: either a python executable that imports
 transformers 5.10.4, or a directory to put first on PYTHONPATH of this python
 (e.g. made by `pip install --target DIR --no-deps transformers==5.10.4
-tokenizers==0.22.2 "huggingface_hub>=1.5,<2"`).
+tokenizers==0.22.2 "huggingface_hub>=1.5,<2" kernels==0.12.3`; scripts/test.sh does).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def test_kv_shared_layers_read_their_source_cache(tmp_path):
     assert not hasattr(ours.model.layers[4].self_attn, "k_proj")
 
 
-@pytest.mark.parametrize("case", ["dense", "edge"])
+@pytest.mark.parametrize("case", ["dense", "edge", "moe"])
 def test_multimodal_checkpoint_loads_text_part_with_warning(case, tmp_path):
     """A Gemma4ForConditionalGeneration checkpoint as transformers writes it (vision and
     audio towers, model.language_model.* names): the text decoder loads, the towers are

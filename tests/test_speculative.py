@@ -217,10 +217,16 @@ def test_make_drafter_specs(tiny_dirs, tmp_path):
         auto = make_drafter("auto", model, "d")
         (tmp_path / "d" / "auto.json").write_text('{"min_confidence": 0.5, "min_match": 3}')
         gated = make_drafter("auto", model, "d")
+        (tmp_path / "d" / "auto.json").write_text('{"drafter": "mtp", "min_confidence": 0.4}')
+        alone = make_drafter("auto", model, "d")
+        (tmp_path / "d" / "auto.json").write_text('{"drafter": "eagle"}')
+        with pytest.raises(ValueError, match="unknown drafter 'eagle'"):
+            make_drafter("auto", model, "d")
     finally:
         drafters.SHIPPED_DIR = old
     assert isinstance(auto, CombinedDrafter) and isinstance(auto.mtp, MTPDraftSource)
     assert auto.mtp.min_confidence == 0.0 and auto.min_match == 2
     assert gated.mtp.min_confidence == 0.5 and gated.min_match == 3  # the settings chosen at shipping
+    assert isinstance(alone, MTPDraftSource) and alone.min_confidence == 0.4  # MTP alone, when it measured fastest
     with pytest.raises(ValueError, match="unknown drafter"):
         make_drafter(str(tmp_path / "missing"), model)

@@ -100,6 +100,31 @@ def test_balanced_clusters_and_head_loss(tiny, one_thread):
     assert dr.masked_embedding.centroids.weight.grad is not None
 
 
+def test_distillation_term_is_the_cross_entropy_to_the_targets_candidates(tiny, one_thread):
+    """distill_weight 1, no centroid term: the loss is the cross-entropy from the target's
+    distribution over the candidate tokens, so its gradient vanishes where the drafter's
+    state equals the target's and the loss there is p's entropy, below any other state's."""
+    _, model, _ = tiny
+    dr = _randomized(model, ["full_attention"])
+    labels = torch.randint(0, model.vocab_size, (12,))
+    teacher = torch.randn(12, model.args.hidden_size)
+    kw = dict(extra_clusters=2, centroid_weight=0.0, distill_weight=1.0)
+
+    def loss_at(y):
+        y = y.clone().requires_grad_(True)
+        loss, _ = head_loss(dr, model, y, labels, cluster_of(dr), teacher=teacher, **kw)
+        (g,) = torch.autograd.grad(loss, y)
+        return float(loss.detach()), float(g.abs().max())
+
+    at_teacher, g = loss_at(teacher)
+    elsewhere, g2 = loss_at(teacher + 0.5 * torch.randn(teacher.shape, generator=torch.Generator().manual_seed(1)))
+    assert g < 1e-4 and g2 > 100 * g and elsewhere > at_teacher + 1e-3, (g, g2, at_teacher, elsewhere)
+    hard, _ = head_loss(dr, model, teacher, labels, cluster_of(dr), extra_clusters=2, centroid_weight=0.0)
+    half, _ = head_loss(dr, model, teacher, labels, cluster_of(dr), teacher=teacher, extra_clusters=2,
+                        centroid_weight=0.0, distill_weight=0.5)
+    assert abs(float(half) - 0.5 * (float(hard) + at_teacher)) < 1e-5
+
+
 def _tau(model, prompts, drafter_factory, n=32):
     st = Stats()
     outs = []
@@ -118,17 +143,30 @@ def test_train_quick_end_to_end(tiny, tmp_path, one_thread):
     path, model, tok = tiny
     out = tmp_path / "run"
     assert main(["train", "--model", str(path), "--dtype", "fp32", "--out", str(out), "--quick"]) == 0
-    for f in ("data/sequences.jsonl", "features/train.pt", "drafter/config.json", "drafter/model.safetensors",
-              "untrained/config.json", "eval.json", "train_log.json"):
+    for f in ("data/sequences.jsonl", "features/train.pt", "features/val.pt", "drafter/config.json",
+              "drafter/model.safetensors", "untrained/config.json", "select.json", "eval.json", "train_log.json"):
         assert (out / f).exists(), f
-    ev = json.loads((out / "eval.json").read_text())
-    for name in ("mtp", "ngram", "combined", "mtp_untrained"):
-        r = ev["configs"][name]
-        assert r["greedy_equal_to_plain"].split("/")[0] == r["greedy_equal_to_plain"].split("/")[1]
+    split = json.loads((out / "split.json").read_text())
+    sel, ev = (json.loads((out / f).read_text()) for f in ("select.json", "eval.json"))
+    # choices on the validation prompts, figures on the eval prompts: three disjoint sets
+    assert sel["prompt_ids"] == split["validation"][:len(sel["prompt_ids"])] and sel["prompt_ids"]
+    assert ev["prompt_ids"] == split["eval"][:len(ev["prompt_ids"])] and ev["prompt_ids"]
+    assert not set(split["train"]) & set(split["validation"]) and not set(split["train"] + split["validation"]) & set(
+        split["eval"])
+    from mtpdraft.train.train import chosen_variant
+
+    assert set(ev["configs"]) == {"plain", "mtp", "ngram", chosen_variant(sel)}
+    assert {"mtp", "ngram", "combined", "mtp_untrained"} <= set(sel["configs"])
+    for res in (sel, ev):
+        for name, r in res["configs"].items():
+            if name != "plain":
+                assert r["greedy_equal_to_plain"].split("/")[0] == r["greedy_equal_to_plain"].split("/")[1]
+    seqs = [json.loads(line) for line in (out / "data/sequences.jsonl").read_text().splitlines()]
+    sources = {s["source"].split(":")[0] for s in seqs}
+    assert {"val/" + i for i in split["validation"]} <= sources and not sources & set(split["eval"])
     trained = make_drafter(str(out / "drafter"), model)
     untrained = make_drafter(str(out / "untrained"), model)
     # tau on the training distribution: the training prompts' greedy continuations
-    split = json.loads((out / "split.json").read_text())
     from mtpdraft.train.data import load_prompts
 
     by_id = {p["id"]: p for p in load_prompts()}
@@ -140,6 +178,27 @@ def test_train_quick_end_to_end(tiny, tmp_path, one_thread):
     assert tau_after > tau_before, (tau_after, tau_before)
     # resuming a finished run redoes nothing
     assert main(["train", "--model", str(path), "--dtype", "fp32", "--out", str(out), "--quick"]) == 0
+    # shipping decides on the validation figures (select.json), and the card reports the eval ones
+    from mtpdraft.train.train import TrainConfig, ship
+
+    cfg = TrainConfig.quick_config(model=str(path), dtype="fp32", out=str(out))
+
+    def decide(speeds: dict, dest: str):
+        doctored = json.loads(json.dumps(sel))
+        doctored["configs"]["mtp"]["tau"] = doctored["configs"]["mtp_untrained"]["tau"] + 1
+        for n, r in doctored["configs"].items():
+            r["decode_tokens_per_s"] = speeds.get(n, 1.0)
+        (out / "select.json").write_text(json.dumps(doctored))
+        return ship(cfg, tmp_path / dest)
+
+    assert not decide({"ngram": 9.0, "combined": 5.0}, "none") and not (tmp_path / "none").exists()
+    assert decide({"ngram": 5.0, "combined": 9.0, "mtp": 7.0}, "comb")
+    assert json.loads((tmp_path / "comb" / "auto.json").read_text())["drafter"] == "combined"
+    card = (tmp_path / "comb" / "README.md").read_text()
+    assert "eval prompts" in card and f"{ev['configs']['mtp']['tau']:.2f}" in card
+    assert decide({"ngram": 5.0, "combined": 6.0, "mtp": 9.0}, "alone")
+    assert json.loads((tmp_path / "alone" / "auto.json").read_text())["drafter"] == "mtp"
+    assert isinstance(make_drafter(str(tmp_path / "alone"), model), type(trained))
 
 
 def test_combined_drafter_is_lossless(tiny, one_thread):
@@ -207,23 +266,26 @@ def test_cluster_dot_matches_a_plain_gather():
     torch.testing.assert_close(gy, gy_ref, rtol=1e-5, atol=1e-5)
 
 
-def test_train_validation_and_bench_prompts_share_no_passage():
-    """The three prompt sets: training and validation (split_prompts with the pipeline's
-    settings) and the bench set the figures are reported on."""
+def test_train_validation_eval_and_bench_prompts_share_no_passage():
+    """The prompt sets: training, validation (every choice) and eval (the model card's
+    figures), as `mtpdraft train` splits them, and the bench set of README/BENCHMARKS."""
     from mtpdraft.bench.prompts import load_prompts as load_bench
-    from mtpdraft.train.data import load_prompts, shared_passages, split_prompts
+    from mtpdraft.train.data import load_prompts, shared_passages, split_sets
     from mtpdraft.train.train import TrainConfig
 
     cfg = TrainConfig()
-    train, val = split_prompts(load_prompts(), cfg.heldout_frac, cfg.seed)
+    prompts = load_prompts()
+    train, val, evals = split_sets(prompts, cfg.val_prompts_frac, cfg.eval_prompts_frac, cfg.seed)
     bench = [{"id": p.id, "turns": list(p.turns)} for p in load_bench()]
-    assert len(train) > 5 * len(val) > 0 and len(bench) >= 30
-    assert shared_passages(train, val) == []
+    assert len(train) + len(val) + len(evals) == len(prompts)
+    assert len(train) > 3 * len(val) > 0 and len(val) >= cfg.eval_prompts and len(evals) >= cfg.eval_prompts
+    assert {p["category"] for p in val} == {p["category"] for p in evals} == {p["category"] for p in prompts}
+    assert shared_passages(train, val) == [] and shared_passages(train + val, evals) == []
     assert shared_passages(train + val, bench) == []
 
 
 def test_shared_passages_finds_reused_text_not_templates():
-    from mtpdraft.train.data import passage_groups, shared_passages, split_prompts
+    from mtpdraft.train.data import passage_groups, shared_passages, split_prompts, split_sets
 
     passage = "The lake froze early that winter and the fishermen cut holes in the ice."
     a = [{"id": "t1", "prompt": "English: My brother works in a hospital.\nFrench:"},
@@ -242,3 +304,53 @@ def test_shared_passages_finds_reused_text_not_templates():
     for seed in range(5):
         train, held = split_prompts(cats, 0.3, seed)
         assert shared_passages(train, held) == [] and len(train) + len(held) == len(cats)
+        train, val, evals = split_sets(cats, 0.25, 0.25, seed)
+        assert len(train) + len(val) + len(evals) == len(cats)
+        assert shared_passages(train, val) == shared_passages(train + val, evals) == []
+
+
+def test_chat_models_train_on_chat_formatted_prompts(tmp_path):
+    """A tokenizer with a chat template: the data and eval prompts are user messages
+    through it (as a chat model is served), the user text cut to max_prompt_tokens."""
+    from mtpdraft.train.data import encode_prompt, uses_chat
+    from mtpdraft.train.train import TrainConfig, make_jobs
+
+    d = tiny_model_dir(tmp_path / "chat", "llama")
+    cfg_path = d / "tokenizer_config.json"
+    tc = json.loads(cfg_path.read_text())
+    tc["chat_template"] = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                           "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    cfg_path.write_text(json.dumps(tc))
+    _, tok = load(str(d), "fp32")
+    assert uses_chat(tok, None) and not uses_chat(tok, False)
+    ids = encode_prompt(tok, "Why is the sky blue?", True, 96)
+    assert tok.decode(ids) == "<|user|>Why is the sky blue?\n<|assistant|>"
+    assert tok.decode(encode_prompt(tok, "Why is the sky blue?", True, 3)) == "<|user|>Why\n<|assistant|>"
+    jobs = make_jobs(TrainConfig(opened_per_prompt=1, bos_openings=0), tok,
+                     [{"id": "a", "prompt": "Hello there"}], 0, [{"id": "b", "prompt": "Name a color."}])
+    assert [j["source"] for j in jobs] == ["a:greedy", "a:opened0", "val/b:greedy", "val/b:opened0"]
+    assert tok.decode(jobs[0]["prompt"]) == "<|user|>Hello there\n<|assistant|>"
+    _, plain_tok = load(str(tiny_model_dir(tmp_path / "plain", "llama")), "fp32")
+    assert not uses_chat(plain_tok, None)
+    with pytest.raises(ValueError, match="no chat template"):
+        uses_chat(plain_tok, True)
+    assert make_jobs(TrainConfig(bos_openings=0, opened_per_prompt=0), plain_tok, [{"id": "a", "prompt": "Hi"}],
+                     0)[0]["prompt"] == plain_tok("Hi").input_ids
+
+
+def test_training_reads_a_quantized_targets_table_dequantized_once(tiny, one_thread):
+    """The default weights are quantized: the drafter's tied table is then the target's
+    quantized head, which training reads as one cached fp32 copy."""
+    from mtpdraft import kernels
+    from mtpdraft.train.model import output_table
+
+    path, _, _ = tiny
+    model, _ = load(str(path), "q8_0")
+    assert isinstance(model.head_weight, kernels.QWeight)
+    dr = _randomized(model, ["full_attention"])
+    t = output_table(dr, model)
+    assert t is output_table(dr, model) and t.dtype == torch.float32
+    torch.testing.assert_close(t, kernels.dense(model.head_weight), rtol=0, atol=0)
+    y = torch.randn(8, model.args.hidden_size)
+    loss, _ = head_loss(dr, model, y, torch.randint(0, model.vocab_size, (8,)), cluster_of(dr), extra_clusters=2)
+    assert torch.isfinite(loss)

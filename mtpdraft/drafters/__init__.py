@@ -25,9 +25,10 @@ def shipped_drafter_dir(model_name: str) -> Path | None:
 def make_drafter(spec: str, target: CausalLM, model_name: str = "", min_confidence: float = 0.0) -> Drafter | None:
     """--drafter values: none | ngram | auto | PATH to a drafter dir.
 
-    auto: the MTP drafter shipped for the model, combined with prompt lookup (n-gram
-    proposals when the text repeats, MTP otherwise); without a shipped drafter,
-    prompt lookup alone (free to run, lossless, and a speedup on most text).
+    auto: the MTP drafter shipped for the model, as its auto.json says (chosen on
+    validation prompts when it was shipped): combined with prompt lookup (n-gram
+    proposals when the text repeats, MTP otherwise; the default) or alone; without a
+    shipped drafter, prompt lookup alone (free to run, lossless, a speedup on most text).
     """
     if spec == "none":
         return None
@@ -42,7 +43,10 @@ def make_drafter(spec: str, target: CausalLM, model_name: str = "", min_confiden
         # the combination and confidence gate chosen when the drafter was shipped
         auto = json.loads((path / "auto.json").read_text()) if (path / "auto.json").is_file() else {}
         source = _load_source(path, target, min_confidence or float(auto.get("min_confidence", 0.0)))
-        return CombinedDrafter(source, min_match=int(auto.get("min_match", 2)))
+        kind = auto.get("drafter", "combined")
+        if kind not in ("combined", "mtp"):
+            raise ValueError(f"{path / 'auto.json'}: unknown drafter {kind!r} (combined or mtp)")
+        return source if kind == "mtp" else CombinedDrafter(source, min_match=int(auto.get("min_match", 2)))
     path = Path(spec)
     if not path.is_dir():
         raise ValueError(f"unknown drafter {spec!r}: use none, auto, ngram or a drafter directory")

@@ -12,7 +12,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default=None, help="bundled name, local HF directory or .gguf file")
     p.add_argument("--out", required=True, help="run directory (every stage resumes from it)")
     p.add_argument("--quick", action="store_true", help="a few-minute budget for tiny models (CI, demos)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None)
+    p.add_argument("--dtype", choices=["auto", "gguf", "q8_0", "bf16", "fp32"], default=None,
+                   help="the target's weights (default auto: as `mtpdraft generate` runs it)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--data-budget-s", type=float, default=None, help="stop writing data after this long")
     p.add_argument("--train-budget-s", type=float, default=None, help="size the schedule to this long")
@@ -28,7 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any TrainConfig field (JSON value), repeatable")
     p.add_argument("--ship", default=None, metavar="DIR",
-                   help="after eval, copy the drafter + model card to DIR if it beats the untrained drafter")
+                   help="after eval, copy the drafter + model card to DIR if, on the validation prompts, it beats "
+                        "the untrained drafter and auto's variant beats prompt lookup alone")
     p.set_defaults(func=cmd_train)
 
 

@@ -42,6 +42,24 @@ SENTENCE_WORDS = 4
 TEMPLATE_PROMPTS = 4
 
 
+def encode_prompt(tok, text: str, chat: bool, max_tokens: int) -> list[int]:
+    """A prompt's token ids, its text cut to max_tokens tokens: as one user message through
+    the chat template (what a chat model is served), or as plain text (BOS first)."""
+    if not chat:
+        return tok(text).input_ids[:max_tokens]
+    text = tok.decode(tok(text, add_special_tokens=False).input_ids[:max_tokens])
+    msg = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    return tok(msg, add_special_tokens=False).input_ids
+
+
+def uses_chat(tok, chat: bool | None) -> bool:
+    """chat None: the tokenizer's chat template when it has one."""
+    has = bool(getattr(tok, "chat_template", None))
+    if chat and not has:
+        raise ValueError("chat formatting asked for, but the tokenizer has no chat template")
+    return has if chat is None else bool(chat)
+
+
 def prompt_text(p: dict) -> str:
     return p["prompt"] if "prompt" in p else "\n".join(p.get("turns", []))
 
@@ -116,6 +134,16 @@ def split_prompts(prompts: list[dict], heldout_frac: float, seed: int) -> tuple[
         held_by_cat.append(held)
     held = [h[i] for i in range(max((len(h) for h in held_by_cat), default=0)) for h in held_by_cat if i < len(h)]
     return train, held
+
+
+def split_sets(prompts: list[dict], val_frac: float, eval_frac: float,
+               seed: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, validation, eval): three disjoint sets, stratified by category, prompts that
+    share a passage on one side. Validation is for every choice (epochs, top-k, gates,
+    which drafter `auto` runs); eval only for the reported figures."""
+    rest, evals = split_prompts(prompts, eval_frac, seed)
+    train, val = split_prompts(rest, val_frac / max(1e-9, 1 - eval_frac), seed + 1)
+    return train, val, evals
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Stage 4: tau and speed measured by the real speculative loop.
 
-For every held-out prompt (never trained on) the configurations run back to
+For every validation or eval prompt (never trained on) the configurations run back to
 back in a rotating order (so drift of a shared machine hits all of them alike):
 plain decoding, each drafter. Greedy outputs must equal plain decoding's.
 """

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
 from ..drafters.mtp import MTPConfig, MTPDrafter, source_layers
 from ..models.base import CausalLM
 
@@ -84,6 +85,21 @@ def unrolled(drafter: MTPDrafter, target: CausalLM, seq: torch.Tensor, h0: torch
 
 
 # -- the clustered head ---------------------------------------------------------------
+_DENSE: dict = {}
+
+
+def output_table(drafter: MTPDrafter, target: CausalLM) -> torch.Tensor:
+    """The drafter's output table as a tensor: a quantized target's table (a tied head)
+    dequantized once to fp32 and kept while that table is in use."""
+    table = drafter.output_table(target)
+    if not isinstance(table, kernels.QWeight):
+        return table
+    if _DENSE.get("source") is not table:
+        _DENSE.clear()
+        _DENSE.update(source=table, dense=kernels.dense(table))
+    return _DENSE["dense"]
+
+
 def balanced_clusters(table: torch.Tensor, num_clusters: int, iters: int = 6, seed: int = 0,
                       dims: int = 64) -> torch.Tensor:
     """Token ordering: a permutation of the vocabulary whose consecutive blocks of
@@ -128,7 +144,7 @@ def init_head(drafter: MTPDrafter, target: CausalLM, seed: int = 0) -> None:
     c = drafter.config
     if not c.use_ordered_embeddings:
         return
-    table = drafter.output_table(target).detach()
+    table = output_table(drafter, target).detach()
     order = balanced_clusters(table, c.num_centroids, seed=seed)
     drafter.masked_embedding.token_ordering.copy_(order)
     if c.tie_output_to_target:
@@ -152,7 +168,7 @@ def ordered_table(drafter: MTPDrafter, target: CausalLM) -> torch.Tensor:
     """The output table in fp32 with its rows in token_ordering, as [C, V/C, width]
     (cached: converted once, not per batch)."""
     c = drafter.config
-    table = drafter.output_table(target)
+    table = output_table(drafter, target)
     order = drafter.masked_embedding.token_ordering
     key = (id(drafter), id(table), table.data_ptr(), table._version, int(order[:8].sum()), int(order[-8:].sum()))
     if key not in _ORDERED:
@@ -213,17 +229,22 @@ def cluster_dot(y: torch.Tensor, ordered: torch.Tensor, cand: torch.Tensor) -> t
 
 
 def head_loss(drafter: MTPDrafter, target: CausalLM, y: torch.Tensor, labels: torch.Tensor, clusters: torch.Tensor,
-              extra_clusters: int = 1, centroid_weight: float = 1.0):
+              extra_clusters: int = 1, centroid_weight: float = 1.0, teacher: torch.Tensor | None = None,
+              distill_weight: float = 0.0):
     """Reduced-cost loss of the clustered head for rows y [N, width] and labels [N].
 
     Centroid cross-entropy on the label's cluster, plus token cross-entropy over the
     tokens of the label's cluster and of the `extra_clusters` best-scored other
-    clusters (the competitors the inference argmax sees most). Returns (loss,
-    correct [N] bool: a cheap proxy of the inference head's hit, the label's cluster
-    in the top k_c and the label the argmax of the candidate set).
+    clusters (the competitors the inference argmax sees most). With `teacher` [N, D]
+    (the target's final hidden state whose logits chose the label; tied head only) and
+    distill_weight w, the token term becomes (1 - w) * that cross-entropy + w * the
+    cross-entropy to the target's own distribution over the same candidates (a KL to
+    p restricted to them: what sampling-aware drafting needs). Returns (loss, correct
+    [N] bool: a cheap proxy of the inference head's hit, the label's cluster in the top
+    k_c and the label the argmax of the candidate set).
     """
     c = drafter.config
-    table = drafter.output_table(target)
+    table = output_table(drafter, target)
     if not c.use_ordered_embeddings:
         logits = _lin(y, table.float())
         return F.cross_entropy(logits, labels), logits.argmax(-1) == labels
@@ -244,6 +265,14 @@ def head_loss(drafter: MTPDrafter, target: CausalLM, y: torch.Tensor, labels: to
         tgt = (ordering[lab_c] == labels[:, None]).float().argmax(1)  # label's index inside its cluster
     logits = cluster_dot(y.float(), ordered_table(drafter, target), cand)  # [N, (1 + extra) * per]
     loss_t = F.cross_entropy(logits, tgt)
+    if distill_weight > 0 and teacher is not None:
+        if not c.tie_output_to_target:
+            raise ValueError("distillation needs the target's head (tie_output_to_target)")
+        with torch.no_grad():
+            p = cluster_dot(teacher.float(), ordered_table(drafter, target), cand)
+            cap = target.args.final_logit_softcapping
+            p = torch.softmax(cap * torch.tanh(p / cap) if cap else p, -1)
+        loss_t = (1 - distill_weight) * loss_t + distill_weight * F.cross_entropy(logits, p)
     with torch.no_grad():
         in_top = (cl.topk(c.centroid_intermediate_top_k, dim=-1).indices == lab_c[:, None]).any(1)
         correct = (logits.argmax(-1) == tgt) & in_top
@@ -254,7 +283,7 @@ def head_loss(drafter: MTPDrafter, target: CausalLM, y: torch.Tensor, labels: to
 def inference_correct(drafter: MTPDrafter, target: CausalLM, y: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[N] bool: the head's prediction exactly as MTPDrafter.step makes it == label."""
     c = drafter.config
-    table = drafter.output_table(target)
+    table = output_table(drafter, target)
     if not c.use_ordered_embeddings:
         return _lin(y, table.float()).argmax(-1) == labels
     clusters = drafter.masked_embedding.token_ordering.view(c.num_centroids, -1)

@@ -14,21 +14,24 @@
 
 Stages (each writes under --out and is skipped when its output exists; training
 resumes from OUT/ckpt.pt, and `touch OUT/STOP` ends it early with what it learned):
-  1. data      prompts (mtpdraft/data/train_prompts.jsonl, split into train and
-               held-out by category) + short BOS openings; the target writes
-               greedy continuations, some after a sampled opening (temperature),
-               in batches of rows decoding together -> data/sequences.jsonl
+  1. data      prompts (mtpdraft/data/train_prompts.jsonl, split by category into
+               three disjoint sets: train, validation, eval) + short BOS openings;
+               the target writes greedy continuations, some after a sampled opening
+               (temperature), in batches of rows decoding together, for the train
+               and validation prompts -> data/sequences.jsonl
   2. features  one batched prefill per group of sequences: the target's final
                hidden h_p, the K/V of the layers the drafter reads, greedy labels
-               -> features/{train,val}.pt
+               -> features/{train,val}.pt (val: the validation prompts' sequences)
   3. train     teacher-forced unrolled drafting (k steps, the drafter's own h
                carried between steps, the target's K/V at positions <= p, RoPE at
                p: exactly what inference does), clustered-head cross-entropy with
                a reduced softmax -> drafter/ (+ ckpt.pt while training)
   4. eval      tau, acceptance by position and tokens/s from the real speculative
-               loop on held-out prompts: plain, untrained MTP, trained MTP,
-               n-gram, combined (n-gram on a >= 2-token match, else MTP)
-               -> eval.json
+               loop: on the validation prompts every variant (plain, untrained MTP,
+               trained MTP, n-gram, combined = n-gram on a >= 2-token match, else
+               MTP, with confidence gates) -> select.json, where `auto`'s variant
+               is chosen; on the eval prompts plain, MTP, n-gram and that variant
+               -> eval.json (the reported figures)
 All settings live in TrainConfig; the command line sets a few of them.
 """
 
@@ -45,7 +48,7 @@ from pathlib import Path
 import torch
 
 from ..config import DEFAULT_DRAFT_LEN
-from .data import Job, generate_batch, load_prompts, split_prompts
+from .data import Job, encode_prompt, generate_batch, load_prompts, split_sets, uses_chat
 from .features import Features, compute_features
 from .model import cluster_of, head_loss, inference_correct, new_drafter, source_layers, unrolled
 
@@ -54,17 +57,26 @@ from .model import cluster_of, head_loss, inference_correct, new_drafter, source
 class TrainConfig:
     model: str = "gemma-3-270m"
     out: str = "/tmp/mtp/train/run"
-    dtype: str = "bf16"  # the target's dtype: data, labels and eval use it (serve the drafter with it)
+    dtype: str = "auto"  # the target's weights (auto: as `mtpdraft generate` runs it): data, labels, eval
     seed: int = 0
     # -- data ---------------------------------------------------------------------------------
     prompts_file: str | None = None  # default: the bundled train_prompts.jsonl
-    heldout_frac: float = 0.15  # of the prompts (per category), only ever used by eval
+    # three disjoint prompt sets (per category, prompts sharing a passage on one side): train;
+    # validation, for every choice (teacher-forced validation, centroid top-k, gate, what
+    # `auto` runs); eval, only for the reported figures
+    val_prompts_frac: float = 0.15
+    eval_prompts_frac: float = 0.15
+    val_opened_per_prompt: int = 1  # validation sequences per validation prompt besides its greedy one
     max_prompts: int = 0  # 0 = all
     max_prompt_tokens: int = 96
-    new_tokens: int = 160
+    chat: bool | None = None  # prompts as a user message through the chat template (None: when it has one)
+    # the defaults write up to ~2.1M target tokens (158 training prompts x 33 + 3000 openings,
+    # 256 each): about an hour at the ~600 tok/s measured with 64 rows on the bundled Gemma 3
+    # 270M's default weights, 2 threads (features then ~1,400 tok/s)
+    new_tokens: int = 256
     greedy_per_prompt: int = 1  # plain greedy continuation of the prompt
-    opened_per_prompt: int = 5  # greedy continuations after `sample_first` sampled tokens
-    bos_openings: int = 96  # BOS + `sample_first` sampled tokens, then greedy
+    opened_per_prompt: int = 32  # greedy continuations after `sample_first` sampled tokens
+    bos_openings: int = 3000  # BOS + `sample_first` sampled tokens, then greedy
     sample_first: int = 6
     temperature: float = 0.9
     sampled_per_prompt: int = 0  # fully sampled rows (labelled by the target's argmax)
@@ -73,8 +85,7 @@ class TrainConfig:
     data_deadline: str = ""  # or at this UTC wall-clock time ("HH:MM" today, or an ISO timestamp)
     # -- features -----------------------------------------------------------------------------
     feature_batch_tokens: int = 4096
-    val_frac: float = 0.05  # of the training prompts' sequences, for the held-out accuracy
-    val_positions: int = 1500  # validate on (about) this many trained positions
+    val_positions: int = 1500  # validate on (about) this many positions of the validation sequences
     # -- drafter ------------------------------------------------------------------------------
     hidden_size: int = 256
     intermediate_size: int = 1024
@@ -89,6 +100,7 @@ class TrainConfig:
     extra_clusters: int = 2  # competing clusters in the reduced softmax
     centroid_weight: float = 1.0
     hidden_weight: float = 0.1  # relative MSE of h' to the target's next hidden state
+    distill_weight: float = 0.0  # weight of the KL to the target's distribution over the head's candidates
     batch_tokens: int = 2048  # positions per batch (sequences padded to a common length)
     epochs: float = 6.0
     max_iters: int = 0  # 0 = from epochs (and the time budget)
@@ -110,7 +122,7 @@ class TrainConfig:
     draft_len: int = DEFAULT_DRAFT_LEN
     min_match: int = 2  # combined drafter: n-gram when its match has >= this many tokens
     gates: tuple[float, ...] = (0.3, 0.6)  # also evaluate `combined` stopping a draft below these confidences
-    top_k_tolerance: float = 0.01  # keep the smallest centroid top-k within this of the best held-out tau
+    top_k_tolerance: float = 0.01  # keep the smallest centroid top-k within this of the best validation tau
 
     @classmethod
     def quick_config(cls, **kw) -> "TrainConfig":
@@ -152,25 +164,34 @@ def _auto_clusters(vocab: int, cfg: TrainConfig) -> tuple[int, int]:
 
 def drafter_settings(target, cfg: TrainConfig) -> dict:
     c, k = _auto_clusters(target.args.vocab_size, cfg)
+    kv = target.args.num_key_value_heads
     return dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                num_attention_heads=max(cfg.num_attention_heads, target.args.num_key_value_heads),
+                num_attention_heads=-(-cfg.num_attention_heads // kv) * kv,  # a multiple of the target's KV heads
                 layer_types=list(cfg.layer_types), use_ordered_embeddings=target.args.vocab_size % c == 0,
                 num_centroids=c, centroid_intermediate_top_k=k, tie_output_to_target=cfg.tie_output_to_target)
 
 
 # -- stage 1 --------------------------------------------------------------------------------
-def make_jobs(cfg: TrainConfig, tok, train_prompts: list[dict], bos: int) -> list[dict]:
+VAL = "val/"  # source prefix of the validation prompts' sequences (never trained on)
+
+
+def make_jobs(cfg: TrainConfig, tok, train_prompts: list[dict], bos: int,
+              val_prompts: list[dict] = ()) -> list[dict]:
     rng = random.Random(cfg.seed)
     jobs = []
-    for p in train_prompts:
-        ids = tok(p["prompt"]).input_ids[: cfg.max_prompt_tokens]
-        for r in range(cfg.greedy_per_prompt):
-            jobs.append(dict(prompt=ids, temperature=0.0, sample_first=0, source=f"{p['id']}:greedy"))
-        for r in range(cfg.opened_per_prompt):
+    sets = [(p, "", cfg.greedy_per_prompt, cfg.opened_per_prompt, cfg.sampled_per_prompt) for p in train_prompts]
+    sets += [(p, VAL, 1, cfg.val_opened_per_prompt, 0) for p in val_prompts]
+    chat = uses_chat(tok, cfg.chat)
+    for p, prefix, greedy, opened, sampled in sets:
+        ids = encode_prompt(tok, p["prompt"], chat, cfg.max_prompt_tokens)
+        src = prefix + p["id"]
+        for r in range(greedy):
+            jobs.append(dict(prompt=ids, temperature=0.0, sample_first=0, source=f"{src}:greedy"))
+        for r in range(opened):
             jobs.append(dict(prompt=ids, temperature=cfg.temperature, sample_first=cfg.sample_first,
-                             source=f"{p['id']}:opened{r}"))
-        for r in range(cfg.sampled_per_prompt):
-            jobs.append(dict(prompt=ids, temperature=cfg.temperature, sample_first=-1, source=f"{p['id']}:sampled{r}"))
+                             source=f"{src}:opened{r}"))
+        for r in range(sampled):
+            jobs.append(dict(prompt=ids, temperature=cfg.temperature, sample_first=-1, source=f"{src}:sampled{r}"))
     for r in range(cfg.bos_openings):
         jobs.append(dict(prompt=[bos], temperature=1.0, sample_first=cfg.sample_first, source=f"bos:{r}"))
     for i, j in enumerate(jobs):
@@ -178,7 +199,7 @@ def make_jobs(cfg: TrainConfig, tok, train_prompts: list[dict], bos: int) -> lis
     return jobs
 
 
-def stage_data(cfg: TrainConfig, model, tok, train_prompts: list[dict]) -> list[dict]:
+def stage_data(cfg: TrainConfig, model, tok, train_prompts: list[dict], val_prompts: list[dict] = ()) -> list[dict]:
     from ..decoding.engine import eos_ids_of
     from tqdm import tqdm
 
@@ -187,7 +208,7 @@ def stage_data(cfg: TrainConfig, model, tok, train_prompts: list[dict]) -> list[
     done_flag, seq_file = ddir / "DONE.json", ddir / "sequences.jsonl"
     bos = getattr(tok, "bos_token_id", None)
     bos = bos if bos is not None else getattr(model.args, "bos_token_id", 0) or 0
-    jobs = make_jobs(cfg, tok, train_prompts, bos)
+    jobs = make_jobs(cfg, tok, train_prompts, bos, val_prompts)
     have = {}
     if seq_file.exists():
         for line in seq_file.read_text().splitlines():
@@ -251,13 +272,9 @@ def stage_features(cfg: TrainConfig, model, seqs: list[dict], layers: list[int])
         if f["train"].layers == layers:
             return f["train"], f["val"]
         _log("cached features read other layers: recomputing")
-    # validation: every sequence of a few training prompts (BOS rows by index)
-    groups = sorted({s["source"].rsplit(":", 1)[0] if not s["source"].startswith("bos") else s["source"]
-                     for s in seqs})
-    rng = random.Random(cfg.seed + 1)
-    val_groups = set(rng.sample(groups, max(1, round(len(groups) * cfg.val_frac)))) if cfg.val_frac > 0 else set()
-    key = lambda s: s["source"].rsplit(":", 1)[0] if not s["source"].startswith("bos") else s["source"]  # noqa: E731
-    split = {"train": [s for s in seqs if key(s) not in val_groups], "val": [s for s in seqs if key(s) in val_groups]}
+    # validation: the sequences of the validation prompts (disjoint from the training prompts)
+    split = {"train": [s for s in seqs if not s["source"].startswith(VAL)],
+             "val": [s for s in seqs if s["source"].startswith(VAL)]}
     out = {}
     for n, part in split.items():
         t0 = time.perf_counter()
@@ -313,11 +330,12 @@ def batch_loss(drafter, target, b: dict, cfg: TrainConfig, clusters: torch.Tenso
             metrics["acc"].append(0.0)
             metrics["n"].append(0)
             continue
-        l, correct = head_loss(drafter, target, yv, lv, clusters, cfg.extra_clusters, cfg.centroid_weight)
+        ht = hidp[:, j:j + T][ok].float()  # the target's hidden whose logits chose the label
+        l, correct = head_loss(drafter, target, yv, lv, clusters, cfg.extra_clusters, cfg.centroid_weight,
+                               teacher=ht, distill_weight=cfg.distill_weight)
         if not train:  # exactly the inference head's argmax
             correct = inference_correct(drafter, target, yv, lv)
         if cfg.hidden_weight > 0:
-            ht = hidp[:, j:j + T][ok].float()
             l = l + cfg.hidden_weight * ((h[ok] - ht) ** 2).mean() / (ht ** 2).mean().clamp_min(1e-6)
         loss = loss + weights[j - 1] / total * l
         full_correct = torch.zeros(B, T, dtype=torch.bool)
@@ -491,7 +509,7 @@ def stage_train(cfg: TrainConfig, target, train: Features, val: Features):
 def tune_top_k(cfg: TrainConfig, target, val: Features) -> dict:
     """Pick the drafter's centroid top-k (clusters searched per step): each cluster
     costs gather + dot work in every drafting step, so keep the smallest k whose
-    held-out teacher-forced tau is within `top_k_tolerance` of the largest k's.
+    validation teacher-forced tau is within `top_k_tolerance` of the largest k's.
     Rewrites drafter/config.json; recorded in train_log.json (done once)."""
     from ..drafters.mtp import MTPDrafter
 
@@ -510,7 +528,7 @@ def tune_top_k(cfg: TrainConfig, target, val: Features) -> dict:
     for k in cands:
         c.centroid_intermediate_top_k = k
         taus[k] = validate(drafter, target, val, cfg, clusters).get("val_tau", 1.0)
-        _log(f"top-k {k}: held-out teacher-forced tau {taus[k]}")
+        _log(f"top-k {k}: validation teacher-forced tau {taus[k]}")
     best = max(taus.values())
     chosen = min(k for k, t in taus.items() if t >= best - cfg.top_k_tolerance)
     cfg_path = out / "drafter" / "config.json"
@@ -525,18 +543,30 @@ def tune_top_k(cfg: TrainConfig, target, val: Features) -> dict:
 
 
 # -- stage 4 --------------------------------------------------------------------------------
-def stage_eval(cfg: TrainConfig, heldout: list[dict]) -> dict:
+def chosen_variant(select: dict) -> str:
+    """What `--drafter auto` runs: of MTP alone, prompt lookup alone and the combined
+    variants, the fastest on the validation prompts."""
+    c = select["configs"]
+    return max((n for n in c if n in ("mtp", "ngram") or n.startswith("combined")),
+               key=lambda n: c[n]["decode_tokens_per_s"])
+
+
+def stage_eval(cfg: TrainConfig, prompt_set: list[dict], name: str, only: list[str] | None = None) -> dict:
+    """The real speculative loop on `prompt_set` -> OUT/{name}.json: "select" runs every
+    variant on the validation prompts (the choices are made there), "eval" runs `only`
+    these on the eval prompts (the reported figures)."""
     from .. import load
     from ..drafters import MTPDraftSource, NgramDrafter, make_drafter
     from ..drafters.combined import CombinedDrafter
     from .evaluate import evaluate
 
     out = Path(cfg.out)
-    path = out / "eval.json"
+    path = out / f"{name}.json"
     if path.exists():
         return json.loads(path.read_text())
     model, tok = load(cfg.model, cfg.dtype)
-    prompts = [tok(p["prompt"]).input_ids[: cfg.max_prompt_tokens] for p in heldout[: cfg.eval_prompts]]
+    chat = uses_chat(tok, cfg.chat)
+    prompts = [encode_prompt(tok, p["prompt"], chat, cfg.max_prompt_tokens) for p in prompt_set[: cfg.eval_prompts]]
     mtp = make_drafter(str(out / "drafter"), model)
     untrained = make_drafter(str(out / "untrained"), model)
     drafters = {
@@ -549,9 +579,12 @@ def stage_eval(cfg: TrainConfig, heldout: list[dict]) -> dict:
     for g in cfg.gates:  # MTP drafts end at the first token below confidence g (the first is always drafted)
         gated = MTPDraftSource(mtp.drafter, min_confidence=g)  # the same weights, loaded once
         drafters[f"combined@{g}"] = lambda gated=gated: CombinedDrafter(gated, min_match=cfg.min_match)
+    if only is not None:
+        drafters = {n: f for n, f in drafters.items() if n in only}
     res = evaluate(model, tok, prompts, drafters, cfg.eval_new_tokens, cfg.draft_len,
                    only_first={"mtp_untrained": cfg.eval_untrained_prompts})
-    res.update(model=cfg.model, dtype=cfg.dtype, heldout_prompt_ids=[p["id"] for p in heldout[: cfg.eval_prompts]])
+    res.update(model=cfg.model, dtype=cfg.dtype, weights=model.weights_format, prompt_set=name,
+               prompt_ids=[p["id"] for p in prompt_set[: cfg.eval_prompts]])
     path.write_text(json.dumps(res, indent=2))
     return res
 
@@ -569,13 +602,16 @@ def run(cfg: TrainConfig) -> dict:
     prompts = load_prompts(cfg.prompts_file)
     if cfg.max_prompts:
         prompts = prompts[: cfg.max_prompts]
-    train_prompts, heldout = split_prompts(prompts, cfg.heldout_frac, cfg.seed)
+    train_prompts, val_prompts, eval_prompts = split_sets(prompts, cfg.val_prompts_frac, cfg.eval_prompts_frac,
+                                                          cfg.seed)
     (out / "split.json").write_text(json.dumps({"train": [p["id"] for p in train_prompts],
-                                                "heldout": [p["id"] for p in heldout]}, indent=1))
+                                                "validation": [p["id"] for p in val_prompts],
+                                                "eval": [p["id"] for p in eval_prompts]}, indent=1))
     model, tok = load(cfg.model, cfg.dtype)
-    _log(f"target {cfg.model} ({cfg.dtype}); {len(train_prompts)} training prompts, {len(heldout)} held out")
+    _log(f"target {cfg.model} ({model.weights_format}); prompts: {len(train_prompts)} training, "
+         f"{len(val_prompts)} validation, {len(eval_prompts)} eval")
     t0 = time.perf_counter()
-    seqs = stage_data(cfg, model, tok, train_prompts)
+    seqs = stage_data(cfg, model, tok, train_prompts, val_prompts)
     layers = sorted(set(source_layers(list(cfg.layer_types), model)))
     t1 = time.perf_counter()
     train, val = stage_features(cfg, model, seqs, layers)
@@ -584,7 +620,9 @@ def run(cfg: TrainConfig) -> dict:
     tune_top_k(cfg, model, val)
     t3 = time.perf_counter()
     del train, val
-    res = stage_eval(cfg, heldout)
+    del model
+    select = stage_eval(cfg, val_prompts, "select")
+    res = stage_eval(cfg, eval_prompts, "eval", only=sorted({"plain", "mtp", "ngram", chosen_variant(select)}))
     t4 = time.perf_counter()
     _log(f"stage seconds this run: data {t1 - t0:.0f}, features {t2 - t1:.0f}, train {t3 - t2:.0f}, eval {t4 - t3:.0f}")
     # wall time per stage, summed over resumed runs (a stage that was already done adds ~0)
@@ -600,28 +638,30 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def ship(cfg: TrainConfig, dest: str | Path) -> bool:
-    """Copy the trained drafter to dest with a model card, only if it beat the untrained
-    drafter and, combined with prompt lookup (what `--drafter auto` runs), beat prompt
-    lookup alone (auto's fallback) on the held-out prompts."""
+    """Copy the trained drafter to dest with a model card, only if, on the validation
+    prompts, it beat the untrained drafter and, combined with prompt lookup (what
+    `--drafter auto` runs), beat prompt lookup alone (auto's fallback). The card reports
+    the eval prompts' figures."""
     out = Path(cfg.out)
+    sel = json.loads((out / "select.json").read_text())
     ev = json.loads((out / "eval.json").read_text())
-    c = ev["configs"]
+    c = sel["configs"]
     if c["mtp"]["tau"] <= c["mtp_untrained"]["tau"]:
-        _log(f"not shipped: tau {c['mtp']['tau']} <= untrained {c['mtp_untrained']['tau']}")
+        _log(f"not shipped: validation tau {c['mtp']['tau']} <= untrained {c['mtp_untrained']['tau']}")
         return False
-    best = max((n for n in c if n.startswith("combined")), key=lambda n: c[n]["decode_tokens_per_s"])
-    if c[best]["decode_tokens_per_s"] <= c["ngram"]["decode_tokens_per_s"]:
-        _log(f"not shipped: {best} {c[best]['decode_tokens_per_s']} tok/s <= "
-             f"n-gram alone {c['ngram']['decode_tokens_per_s']} tok/s")
+    best = chosen_variant(sel)
+    if best == "ngram":
+        _log(f"not shipped: on validation prompt lookup alone ({c['ngram']['decode_tokens_per_s']} tok/s) "
+             f"is faster than every variant with the drafter")
         return False
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for f in ("config.json", "model.safetensors"):
         shutil.copy(out / "drafter" / f, dest / f)
     gate = float(best.partition("@")[2] or 0.0)
-    (dest / "auto.json").write_text(json.dumps({"min_confidence": gate, "min_match": cfg.min_match,
-                                                "chosen_from": best}, indent=1))
-    (dest / "README.md").write_text(model_card(cfg, ev))
+    (dest / "auto.json").write_text(json.dumps({"drafter": best.partition("@")[0], "min_confidence": gate,
+                                                "min_match": cfg.min_match, "chosen_from": best}, indent=1))
+    (dest / "README.md").write_text(model_card(cfg, ev, sel))
     _log(f"shipped to {dest}")
     return True
 
@@ -636,7 +676,7 @@ def _timings(out: Path) -> str:
     return f"{parts} (total {sum(t.values()) / 60:.0f} min)" + (f"; {note}" if note else "")
 
 
-def model_card(cfg: TrainConfig, ev: dict) -> str:
+def model_card(cfg: TrainConfig, ev: dict, sel: dict) -> str:
     from ..bench import machine_info
 
     out = Path(cfg.out)
@@ -669,7 +709,7 @@ trained by `mtpdraft train` on text the target wrote itself. Load it with
 ## Training
 - Data: {data['sequences']} sequences ({data['total_tokens']:,} tokens, {data['trainable_positions']:,} trained positions),
   written by the target ({cfg.dtype}) from the project's prompt set
-  (`mtpdraft/data/train_prompts.jsonl`, held-out prompts excluded) and from BOS: greedy
+  (`mtpdraft/data/train_prompts.jsonl`, validation and eval prompts excluded) and from BOS: greedy
   continuations, many after {cfg.sample_first} tokens sampled at temperature {cfg.temperature}; {cfg.new_tokens} new tokens each.
 - Objective: {cfg.draft_steps}-step unrolled teacher-forced drafting (the drafter's own h carried
   between steps), cross-entropy on the target's greedy tokens with a reduced softmax
@@ -678,7 +718,11 @@ trained by `mtpdraft train` on text the target wrote itself. Load it with
 - {tl['iterations']} AdamW iterations ({tl['epochs']} epochs), lr {cfg.lr} cosine, seed {cfg.seed}.
 - Wall time on {machine_info()['cpu']} ({torch.get_num_threads()} threads): {_timings(out)}.
 
-## Evaluation (held-out prompts, greedy, real speculative loop, {ev['dtype']}, k={ev['draft_len']}, {ev['new_tokens']} new tokens)
+## Evaluation (eval prompts, greedy, real speculative loop, {ev.get('weights', ev['dtype'])}, k={ev['draft_len']}, {ev['new_tokens']} new tokens)
+
+Eval prompts share no passage with the training or validation prompts and took no part in
+any choice: `auto`'s variant ({chosen_variant(sel)}), the centroid top-k and the schedule were
+chosen on the validation prompts (`select.json` in the run directory).
 
 | drafter | prompts | tau | acceptance by position | decode tok/s | vs plain | greedy == plain |
 |---|---|---|---|---|---|---|
@@ -686,7 +730,8 @@ trained by `mtpdraft train` on text the target wrote itself. Load it with
 
 `combined` = n-gram lookup when it continues a match of >= {cfg.min_match} tokens, else this drafter;
 `combined@g` also ends an MTP draft at the first token whose probability is below g. `--drafter auto`
-runs the fastest combined variant here (settings in `auto.json`).
+runs whichever of MTP alone and the combined variants was fastest on the validation prompts
+(settings in `auto.json`).
 Measured on a shared 2-core CPU; timings are noisy. Base-model greedy text loops a lot, which is
 where prompt lookup (n-gram) is hard to beat.
 """
