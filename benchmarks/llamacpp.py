@@ -121,16 +121,17 @@ def llama_plain_text(bins: Path, gguf: Path, prompt: str, n: int) -> str:
     return out.stdout.removesuffix("\n")  # it ends with a newline of its own
 
 
-def llama_spec(bins: Path, gguf: Path, prompt: str, n: int, threads: int) -> tuple[str, float, float]:
-    """(generated text, decode tokens/s, acceptance %) of llama-speculative-simple with ngram-mod."""
+def llama_spec(bins: Path, gguf: Path, prompt: str, n: int, threads: int) -> tuple[str, float, int, int]:
+    """(generated text, decode tokens/s, tokens drafted, drafts accepted) of
+    llama-speculative-simple with ngram-mod."""
     out = _run(bins, ["llama-speculative-simple", "-m", str(gguf), "-p", prompt, "-n", str(n), "--temp", "0",
                       "-t", str(threads), "--spec-type", "ngram-mod", "-c", "2048"])
     log = out.stderr + out.stdout
     m = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds, speed:\s+([\d.]+) t/s", log)
-    acc = re.search(r"accept\s+=\s+([\d.]+)%", log)
-    if not m:
+    drafted, accepted = re.search(r"n_drafted\s+=\s+(\d+)", log), re.search(r"n_accept\s+=\s+(\d+)", log)
+    if not (m and drafted and accepted):
         raise RuntimeError(f"could not parse llama-speculative-simple output:\n{log[-2000:]}")
-    return out.stdout, float(m.group(3)), float(acc.group(1)) if acc else float("nan")
+    return out.stdout, float(m.group(3)), int(drafted.group(1)), int(accepted.group(1))
 
 
 def ours(model, tok, prompt: str, n: int, drafter) -> tuple[list[int], str, float, float]:
@@ -175,7 +176,8 @@ def main():
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
         r = {"llama_plain_tps": [], "ours_plain_tps": [], "llama_spec_tps": [], "ours_auto_tps": [],
-             "llama_spec_identical": 0, "ours_auto_identical": 0, "llama_accept_pct": [], "ours_tau": []}
+             "llama_spec_identical": 0, "ours_auto_identical": 0, "llama_drafted": 0, "llama_accepted": 0,
+             "ours_tau": []}
         drafter = make_drafter("auto", model, args.model)
         ours(model, tok, prompts[0].turns[0], 16, drafter)  # warm-up (llama.cpp's figures exclude loading too)
         for i, p in enumerate(prompts):  # interleaved per prompt
@@ -186,9 +188,10 @@ def main():
                     r.setdefault(f"llama_plain_tps_{b}", []).append(v)
             plain_ids, plain_text, tps, _ = ours(model, tok, p.turns[0], n, None)
             r["ours_plain_tps"].append(tps)
-            text, tps, acc = llama_spec(bins, gguf, p.turns[0], n, threads)
+            text, tps, drafted, accepted = llama_spec(bins, gguf, p.turns[0], n, threads)
             r["llama_spec_tps"].append(tps)
-            r["llama_accept_pct"].append(acc)
+            r["llama_drafted"] += drafted
+            r["llama_accepted"] += accepted
             r["llama_spec_identical"] += same_prefix(after_prompt(text, p.turns[0]),
                                                      after_prompt(llama_plain[p.id], p.turns[0]))
             ids, _, tps, tau = ours(model, tok, p.turns[0], n, drafter)
@@ -199,6 +202,8 @@ def main():
                   f"(tau {tau:.2f})", file=sys.stderr, flush=True)
         mean = lambda v: sum(v) / len(v)  # noqa: E731
         s = {k: round(mean(v), 2) if isinstance(v, list) else v for k, v in r.items()}
+        # of all drafted tokens, the share accepted (None: llama.cpp never drafted)
+        s["llama_accept_pct"] = round(100 * s["llama_accepted"] / s["llama_drafted"], 1) if s["llama_drafted"] else None
         s["ours_plain_vs_llama_plain"] = round(s["ours_plain_tps"] / s["llama_plain_tps"], 2)
         s["ours_auto_vs_llama_spec"] = round(s["ours_auto_tps"] / s["llama_spec_tps"], 2)
         s["ours_auto_vs_ours_plain"] = round(s["ours_auto_tps"] / s["ours_plain_tps"], 2)

@@ -354,3 +354,30 @@ def test_training_reads_a_quantized_targets_table_dequantized_once(tiny, one_thr
     y = torch.randn(8, model.args.hidden_size)
     loss, _ = head_loss(dr, model, y, torch.randint(0, model.vocab_size, (8,)), cluster_of(dr), extra_clusters=2)
     assert torch.isfinite(loss)
+
+
+def test_data_file_is_teacher_forced_and_labelled_by_the_target(tiny, tmp_path, one_thread):
+    """--data FILE.jsonl: each text becomes a sequence whose every position is labelled by
+    the target's argmax; malformed files are errors that name the line."""
+    from mtpdraft.train.train import TrainConfig, file_sequences, stage_data
+
+    path, model, tok = tiny
+    f = tmp_path / "mine.jsonl"
+    f.write_text('{"text": "The harbour was quiet at dawn."}\n\n{"text": "Ships came in one by one."}\n')
+    cfg = TrainConfig.quick_config(out=str(tmp_path / "run"), data_file=str(f), bos_openings=0)
+    seqs = stage_data(cfg, model, tok, [])
+    assert [s["source"] for s in seqs] == ["file:1", "file:3"]
+    assert seqs[0]["tokens"] == tok("The harbour was quiet at dawn.").input_ids
+    feats = compute_features(model, seqs, [0])
+    s = seqs[0]
+    n = len(s["tokens"])
+    logits = model(torch.tensor([s["tokens"]]), model.new_cache(1, 64)).logits[0]
+    assert feats.labels[:n - 1].tolist() == logits[:-1].argmax(-1).tolist() and int(feats.train_from[0]) == 0
+    assert stage_data(cfg, model, tok, []) == seqs  # resumes: nothing new
+    for text, msg in [('{"text": 3}', 'line 1: expected an object'), ("not json", "line 1: not JSON"),
+                      ('{"text": " "}', 'line 1: expected an object')]:
+        f.write_text(text + "\n")
+        with pytest.raises(ValueError, match=msg):
+            file_sequences(cfg, tok, 0)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        file_sequences(TrainConfig(data_file=str(tmp_path / "missing.jsonl")), tok, 0)

@@ -16,6 +16,8 @@ def add_parser(sub) -> None:
                    help="the target's weights (default auto: as `mtpdraft generate` runs it)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--data-budget-s", type=float, default=None, help="stop writing data after this long")
+    p.add_argument("--data", default=None, metavar="FILE.jsonl",
+                   help='also train on your own text ({"text": ...} per line), labelled by the target')
     p.add_argument("--train-budget-s", type=float, default=None, help="size the schedule to this long")
     p.add_argument("--max-iters", type=int, default=None)
     p.add_argument("--epochs", type=float, default=None)
@@ -39,7 +41,7 @@ def config_from(args):
 
     kw = {}
     names = {"model": "model", "out": "out", "dtype": "dtype", "seed": "seed", "data_budget_s": "data_budget_s",
-             "train_budget_s": "train_budget_s", "max_iters": "max_iters", "epochs": "epochs",
+             "train_budget_s": "train_budget_s", "data": "data_file", "max_iters": "max_iters", "epochs": "epochs",
              "gen_batch": "gen_batch", "new_tokens": "new_tokens", "hidden_size": "hidden_size",
              "eval_prompts": "eval_prompts", "threads": "threads"}
     for a, f in names.items():

@@ -82,6 +82,8 @@ class TrainConfig:
     sampled_per_prompt: int = 0  # fully sampled rows (labelled by the target's argmax)
     gen_batch: int = 64  # rows decoding together (<= 64 keeps the runtime's exact kernels)
     data_budget_s: float = 0.0  # stop writing after this long (0 = write every job)
+    data_file: str | None = None  # also train on this text (JSONL, {"text": ...} per line), labelled by the target
+    data_file_max_tokens: int = 512  # tokens kept per line of data_file
     data_deadline: str = ""  # or at this UTC wall-clock time ("HH:MM" today, or an ISO timestamp)
     # -- features -----------------------------------------------------------------------------
     feature_batch_tokens: int = 4096
@@ -199,6 +201,33 @@ def make_jobs(cfg: TrainConfig, tok, train_prompts: list[dict], bos: int,
     return jobs
 
 
+def file_sequences(cfg: TrainConfig, tok, first_id: int) -> list[dict]:
+    """data_file's texts as sequences to teacher-force: every position is labelled by the
+    target's own argmax (as for fully sampled rows), so the drafter learns the target's
+    continuations of text like the user's."""
+    if not cfg.data_file:
+        return []
+    path = Path(cfg.data_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {path}: no such file")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--data {path} line {n}: not JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str) or not rec["text"].strip():
+            raise ValueError(f'--data {path} line {n}: expected an object with a non-empty "text" string')
+        ids = tok(rec["text"]).input_ids[: cfg.data_file_max_tokens]
+        if len(ids) >= 2:
+            out.append(dict(id=first_id + len(out), source=f"file:{n}", tokens=ids, prompt_len=1, greedy_from=-1))
+    if not out:
+        raise ValueError(f"--data {path}: no text of at least 2 tokens")
+    return out
+
+
 def stage_data(cfg: TrainConfig, model, tok, train_prompts: list[dict], val_prompts: list[dict] = ()) -> list[dict]:
     from ..decoding.engine import eos_ids_of
     from tqdm import tqdm
@@ -218,6 +247,11 @@ def stage_data(cfg: TrainConfig, model, tok, train_prompts: list[dict], val_prom
     if done_flag.exists():
         return [have[i] for i in sorted(have)]
     todo = [j for j in jobs if j["id"] not in have]
+    with seq_file.open("a") as f:  # the user's own text: no generation, labelled in the features stage
+        for rec in file_sequences(cfg, tok, len(jobs)):
+            if rec["id"] not in have:
+                have[rec["id"]] = rec
+                f.write(json.dumps(rec) + "\n")
     # rows of similar prompt length decode together (less prefill imbalance)
     todo.sort(key=lambda j: (len(j["prompt"]), j["id"]))
     eos = eos_ids_of(model, tok)
@@ -689,6 +723,8 @@ def model_card(cfg: TrainConfig, ev: dict, sel: dict) -> str:
         rows.append(f"| {n} | {r['prompts']} | {r['tau']:.2f} | {acc} | {r['decode_tokens_per_s']:.1f} | "
                     f"{r.get('speedup_vs_plain', 1.0):.2f} | {r.get('greedy_equal_to_plain', '-')} |")
     size = (out / "drafter" / "model.safetensors").stat().st_size / 1e6
+    user_text = (f"\n  Also the lines of `{Path(cfg.data_file).name}`, teacher-forced (labels: the target's argmax)."
+                 if cfg.data_file else "")
     return f"""# MTP drafter for {cfg.model}
 
 A multi-token-prediction drafter in mtpdraft's format (`model_type: mtpdraft_mtp`),
@@ -710,7 +746,7 @@ trained by `mtpdraft train` on text the target wrote itself. Load it with
 - Data: {data['sequences']} sequences ({data['total_tokens']:,} tokens, {data['trainable_positions']:,} trained positions),
   written by the target ({cfg.dtype}) from the project's prompt set
   (`mtpdraft/data/train_prompts.jsonl`, validation and eval prompts excluded) and from BOS: greedy
-  continuations, many after {cfg.sample_first} tokens sampled at temperature {cfg.temperature}; {cfg.new_tokens} new tokens each.
+  continuations, many after {cfg.sample_first} tokens sampled at temperature {cfg.temperature}; {cfg.new_tokens} new tokens each.{user_text}
 - Objective: {cfg.draft_steps}-step unrolled teacher-forced drafting (the drafter's own h carried
   between steps), cross-entropy on the target's greedy tokens with a reduced softmax
   (label cluster + {cfg.extra_clusters} competing clusters) + centroid cross-entropy
