@@ -37,6 +37,7 @@ from mtpdraft.bench.prompts import load_prompts
 from mtpdraft.config import SamplingParams, SpecParams, Stats
 from mtpdraft.decoding import generate
 from mtpdraft.drafters import make_drafter
+from mtpdraft.kernels import _cpu_flags
 from mtpdraft.registry import cache_root
 
 VERSION = "0.3.36"
@@ -44,10 +45,7 @@ TARGETS = ["llama-bench", "llama-speculative-simple", "llama-simple"]
 
 
 def _cpu_has_amx() -> bool:
-    try:
-        return "amx_int8" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    return "amx_int8" in _cpu_flags()
 
 
 def build_llamacpp(no_amx: bool | None = None) -> Path:

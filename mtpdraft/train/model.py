@@ -271,7 +271,7 @@ def head_loss(drafter: MTPDrafter, target: CausalLM, y: torch.Tensor, labels: to
         with torch.no_grad():
             p = cluster_dot(teacher.float(), ordered_table(drafter, target), cand)
             cap = target.args.final_logit_softcapping
-            p = torch.softmax(cap * torch.tanh(p / cap) if cap else p, -1)
+            p = torch.softmax(kernels.softcap(p, cap) if cap else p, -1)
         loss_t = (1 - distill_weight) * loss_t + distill_weight * F.cross_entropy(logits, p)
     with torch.no_grad():
         in_top = (cl.topk(c.centroid_intermediate_top_k, dim=-1).indices == lab_c[:, None]).any(1)
