@@ -184,6 +184,31 @@ def test_q8_0_load_is_cached_and_smaller(q8_model):
     torch.testing.assert_close(a, dense(toks, dense.new_cache(1, 64)).logits, atol=0.1, rtol=0.05)
 
 
+def test_layer_weights_lie_in_one_arena_and_fused_projections_are_views(q8_model, monkeypatch):
+    from mtpdraft.models import load_model_dir
+
+    q = load_model_dir(q8_model, "q8_0")
+    storages = set()
+    for layer in q.model.layers:
+        att, mlp = layer.self_attn, layer.mlp
+        for fused, projs in ((att.qkv, (att.q_proj, att.k_proj, att.v_proj)), (mlp.gate_up, (mlp.gate_proj, mlp.up_proj))):
+            # no second copy of the projections: each is a view of its fused weight
+            base = fused.parts[0]
+            for m in projs:
+                p = m.qweight.parts[0]
+                assert p.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+                assert base.data_ptr() <= p.data_ptr() < base.data_ptr() + base.numel()
+        for w in (att.qkv, att.o_proj.qweight, mlp.gate_up, mlp.down_proj.qweight):
+            storages.add(w.parts[0].untyped_storage().data_ptr())
+    assert len(storages) == 1  # every layer matrix in the one buffer
+    monkeypatch.setattr(K, "arena", lambda ws: None)  # the old layout: separate tensors, copied when fused
+    sep = load_model_dir(q8_model, "q8_0")
+    assert sep.model.layers[0].self_attn.qkv.parts[0].untyped_storage().data_ptr() != \
+        sep.model.layers[0].self_attn.q_proj.qweight.parts[0].untyped_storage().data_ptr()
+    toks = torch.tensor([[5, 9, 33, 2, 7]])
+    assert torch.equal(q(toks, q.new_cache(1, 64)).logits, sep(toks, sep.new_cache(1, 64)).logits)
+
+
 def test_gguf_format_needs_a_converted_gguf(q8_model):
     from mtpdraft.models import load_model_dir
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,6 +283,9 @@ def test_train_validation_eval_and_bench_prompts_share_no_passage():
     assert {p["category"] for p in val} == {p["category"] for p in evals} == {p["category"] for p in prompts}
     assert shared_passages(train, val) == [] and shared_passages(train + val, evals) == []
     assert shared_passages(train + val, bench) == []
+    # benchmarks/compare_drafters.py's prompts: unseen by training, validation, eval and bench
+    heldout = load_prompts(Path(__file__).parent.parent / "benchmarks" / "heldout_prompts.jsonl")
+    assert len(heldout) >= 16 and shared_passages(prompts + bench, heldout) == []
 
 
 def test_shared_passages_finds_reused_text_not_templates():

@@ -492,7 +492,7 @@ class QWeight:
                 else:
                     parts.append([p])
                     types.append(t)
-        return QWeight([torch.cat(ps) if len(ps) > 1 else ps[0] for ps in parts], types, ws[0].shape[1])
+        return QWeight([_joined(ps) for ps in parts], types, ws[0].shape[1])
 
     def to_huge_pages(self) -> "QWeight":
         mod = _qload()
@@ -519,6 +519,40 @@ class QWeight:
         from .quant import dequantize
 
         return torch.cat([torch.from_numpy(dequantize(p.numpy(), t, self.shape[1])) for p, t in zip(self.parts, self.types)])
+
+
+def _joined(ps: list[torch.Tensor]) -> torch.Tensor:
+    """Row concatenation of panel tensors: a view when they lie back to back in one buffer
+    (an arena), so a fused weight and its projections share memory; else a copy."""
+    if len(ps) == 1:
+        return ps[0]
+    a = ps[0]
+    if all(q.untyped_storage().data_ptr() == a.untyped_storage().data_ptr() and q.shape[1] == a.shape[1]
+           and q.is_contiguous() and p.data_ptr() + p.numel() == q.data_ptr() for p, q in zip(ps, ps[1:])):
+        rows = sum(q.shape[0] for q in ps)
+        return torch.empty(0, dtype=torch.uint8).set_(a.untyped_storage(), a.storage_offset(), (rows, a.shape[1]))
+    return torch.cat(ps)
+
+
+def arena(ws: "list[QWeight]") -> None:
+    """Move the weights' panels into one buffer in transparent huge pages, back to back in
+    the given order (the order a forward reads them): one stream per step instead of many
+    small ones, and row concatenations of neighbours (fused projections) become views.
+    Each weight keeps its bytes; only where they live changes."""
+    mod = _qload()
+    parts = [p for w in ws for p in w.parts]
+    if not mod or not parts:
+        return
+    buf = mod.huge_empty(sum(p.numel() for p in parts))
+    off = 0
+    for w in ws:
+        new = []
+        for p in w.parts:
+            v = buf[off:off + p.numel()].view(p.shape)
+            v.copy_(p)
+            new.append(v)
+            off += p.numel()
+        w.parts = new
 
 
 def qlinear(x: torch.Tensor, w: QWeight) -> torch.Tensor:

@@ -637,18 +637,26 @@ torch::Tensor qrows(torch::Tensor w, int64_t t, int64_t K, torch::Tensor ids) {
   return out;
 }
 
-// A copy of a large tensor in transparent huge pages (fewer TLB misses when streamed).
+// An uninitialised uint8 buffer in transparent huge pages (fewer TLB misses when streamed);
+// ordinary memory below two huge pages.
+torch::Tensor huge_empty(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "huge_empty: negative size");
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t n = static_cast<size_t>(bytes);
+  if (n < 2 * kHuge) return torch::empty({bytes}, torch::dtype(torch::kUInt8));
+  const size_t len = n + kHuge;
+  void* base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (base == MAP_FAILED) return torch::empty({bytes}, torch::dtype(torch::kUInt8));
+  char* aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(base) + kHuge - 1) & ~(kHuge - 1));
+  madvise(aligned, n, MADV_HUGEPAGE);
+  return torch::from_blob(aligned, {bytes}, [base, len](void*) { munmap(base, len); }, torch::dtype(torch::kUInt8));
+}
+
+// A copy of a tensor in transparent huge pages.
 torch::Tensor huge_copy(torch::Tensor w) {
   w = w.contiguous();
-  const size_t bytes = static_cast<size_t>(w.numel()) * w.element_size();
-  constexpr size_t kHuge = size_t(2) << 20;
-  if (bytes < 2 * kHuge) return w.clone();
-  const size_t len = bytes + kHuge;
-  void* base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (base == MAP_FAILED) return w.clone();
-  char* aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(base) + kHuge - 1) & ~(kHuge - 1));
-  madvise(aligned, bytes, MADV_HUGEPAGE);
-  auto out = torch::from_blob(aligned, w.sizes(), [base, len](void*) { munmap(base, len); }, w.options());
+  const int64_t bytes = w.numel() * w.element_size();
+  auto out = huge_empty(bytes).view(w.scalar_type()).view(w.sizes());
   out.copy_(w);
   return out;
 }
@@ -659,5 +667,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear, "batch-invariant y = x @ W.T over quantized weight panels");
   m.def("qrows", &qrows, "exact fp32 values of selected rows of a quantized weight");
   m.def("huge_copy", &huge_copy, "copy into transparent huge pages");
+  m.def("huge_empty", &huge_empty, "uninitialised uint8 buffer in transparent huge pages");
   m.def("isa", &isa, "instruction set this build uses");
 }

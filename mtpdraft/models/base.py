@@ -140,13 +140,17 @@ class CausalLM(nn.Module):
                 continue
             keep_fp32 = p.ndim == 1  # norm scales stay fp32 (tiny, read once)
             p.data = w.to(torch.float32 if keep_fp32 else dtype).contiguous()
+        head_name = "model.embed_tokens.weight" if self.args.tie_word_embeddings else "lm_head.weight"
+        stream = []  # the layers' quantized matrices in the order a forward reads them
         for name, m in self.named_modules():
             if isinstance(m, Linear) and name + ".weight" in quant:
                 m.qweight = quant[name + ".weight"]
+                if name + ".weight" != head_name and all(m.qweight is not w for w in stream):
+                    stream.append(m.qweight)
+        kernels.arena(stream)  # one contiguous stream; fusing neighbours below then copies nothing
         for m in self.modules():  # fused projections: fewer kernel calls per step
             if hasattr(m, "fuse") and m is not self:
                 m.fuse()
-        head_name = "model.embed_tokens.weight" if self.args.tie_word_embeddings else "lm_head.weight"
         if "model.embed_tokens.weight" in quant:
             self._qembed = quant["model.embed_tokens.weight"].to_huge_pages()
         if head_name in quant:

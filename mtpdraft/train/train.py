@@ -723,6 +723,10 @@ def model_card(cfg: TrainConfig, ev: dict, sel: dict) -> str:
         rows.append(f"| {n} | {r['prompts']} | {r['tau']:.2f} | {acc} | {r['decode_tokens_per_s']:.1f} | "
                     f"{r.get('speedup_vs_plain', 1.0):.2f} | {r.get('greedy_equal_to_plain', '-')} |")
     size = (out / "drafter" / "model.safetensors").stat().st_size / 1e6
+    defaults = asdict(TrainConfig(model=cfg.model, out=cfg.out))
+    changed = " ".join(f"--set {k}='{json.dumps(v)}'" for k, v in asdict(cfg).items()
+                       if k not in ("model", "out") and json.dumps(v) != json.dumps(defaults[k]))
+    command = f"mtpdraft train --model {cfg.model} --out RUN {changed}".strip()
     user_text = (f"\n  Also the lines of `{Path(cfg.data_file).name}`, teacher-forced (labels: the target's argmax)."
                  if cfg.data_file else "")
     return f"""# MTP drafter for {cfg.model}
@@ -753,6 +757,7 @@ trained by `mtpdraft train` on text the target wrote itself. Load it with
   + {cfg.hidden_weight} x relative MSE of h' to the target's next hidden state; step weights {cfg.step_decay}^(j-1).
 - {tl['iterations']} AdamW iterations ({tl['epochs']} epochs), lr {cfg.lr} cosine, seed {cfg.seed}.
 - Wall time on {machine_info()['cpu']} ({torch.get_num_threads()} threads): {_timings(out)}.
+- Command (every figure here, the eval table included, comes from it): `{command}`.
 
 ## Evaluation (eval prompts, greedy, real speculative loop, {ev.get('weights', ev['dtype'])}, k={ev['draft_len']}, {ev['new_tokens']} new tokens)
 

@@ -1,0 +1,59 @@
+"""Compare drafters (e.g. a new training run's against the shipped one) on prompts none of
+them was trained, validated or evaluated on, in one run with the configurations rotated
+per prompt: plain, prompt lookup, each drafter alone and each + prompt lookup (gate 0.6).
+
+The default prompts (benchmarks/heldout_prompts.jsonl) share no passage with the training
+or bench prompts (tests/test_train.py asserts it); they were written after the drafters
+that shipped before 2026-12-04 were trained.
+
+    python benchmarks/compare_drafters.py --model gemma-3-270m \\
+        mtpdraft/drafters/shipped/gemma-3-270m ~/.cache/mtpdraft/runs/NEW/drafter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mtpdraft import load
+from mtpdraft.drafters import MTPDraftSource, NgramDrafter, make_drafter
+from mtpdraft.drafters.combined import CombinedDrafter
+from mtpdraft.train.data import encode_prompt, load_prompts, uses_chat
+from mtpdraft.train.evaluate import evaluate
+
+HERE = Path(__file__).parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("drafters", nargs="+", help="drafter directories")
+    ap.add_argument("--model", default="gemma-3-270m")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--prompts", default=str(HERE / "heldout_prompts.jsonl"))
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--draft-len", type=int, default=6)
+    ap.add_argument("--gate", type=float, default=0.6)
+    ap.add_argument("--json", default=None, help="write the results here")
+    a = ap.parse_args()
+    model, tok = load(a.model, a.dtype)
+    chat = uses_chat(tok, None)
+    prompts = [encode_prompt(tok, p["prompt"], chat, 96) for p in load_prompts(a.prompts)]
+    confs = {"plain": lambda: None, "ngram": lambda: NgramDrafter()}
+    for d in a.drafters:
+        src = make_drafter(d, model)
+        gated = MTPDraftSource(src.drafter, min_confidence=a.gate)
+        confs[f"{d}"] = lambda src=src: src
+        confs[f"{d} + ngram@{a.gate}"] = lambda g=gated: CombinedDrafter(g, min_match=2)
+    res = evaluate(model, tok, prompts, confs, a.max_new_tokens, a.draft_len)
+    print(f"{len(prompts)} prompts, {model.weights_format}, k={a.draft_len}, {a.max_new_tokens} new tokens")
+    print("| drafter | tau | decode tok/s | vs plain | greedy == plain |\n|---|---|---|---|---|")
+    for n, r in res["configs"].items():
+        print(f"| {n} | {r['tau']:.2f} | {r['decode_tokens_per_s']:.1f} | {r.get('speedup_vs_plain', 1.0):.2f} | "
+              f"{r.get('greedy_equal_to_plain', '-')} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
