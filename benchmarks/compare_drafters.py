@@ -8,6 +8,10 @@ that shipped before 2026-12-04 were trained.
 
     python benchmarks/compare_drafters.py --model gemma-3-270m \\
         mtpdraft/drafters/shipped/gemma-3-270m ~/.cache/mtpdraft/runs/NEW/drafter
+
+`--prompts eval` (or `validation`) takes that split of the bundled training prompt file
+instead, as `mtpdraft train` splits it with its default settings; `--temperature 0.7`
+samples (each configuration with the same seed per prompt; outputs are then not compared).
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from pathlib import Path
 from mtpdraft import load
 from mtpdraft.drafters import MTPDraftSource, NgramDrafter, make_drafter
 from mtpdraft.drafters.combined import CombinedDrafter
-from mtpdraft.train.data import encode_prompt, load_prompts, uses_chat
+from mtpdraft.train.data import encode_prompt, load_prompts, split_sets, uses_chat
 from mtpdraft.train.evaluate import evaluate
+from mtpdraft.train.train import TrainConfig
 
 HERE = Path(__file__).parent
 
@@ -30,7 +35,9 @@ def main() -> None:
     ap.add_argument("drafters", nargs="+", help="drafter directories")
     ap.add_argument("--model", default="gemma-3-270m")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--prompts", default=str(HERE / "heldout_prompts.jsonl"))
+    ap.add_argument("--prompts", default=str(HERE / "heldout_prompts.jsonl"),
+                    help="JSONL file, or eval / validation: that split of the bundled training prompts")
+    ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--draft-len", type=int, default=6)
     ap.add_argument("--gate", type=float, default=0.6)
@@ -38,15 +45,22 @@ def main() -> None:
     a = ap.parse_args()
     model, tok = load(a.model, a.dtype)
     chat = uses_chat(tok, None)
-    prompts = [encode_prompt(tok, p["prompt"], chat, 96) for p in load_prompts(a.prompts)]
+    if a.prompts in ("eval", "validation"):
+        cfg = TrainConfig()
+        _, val, evals = split_sets(load_prompts(), cfg.val_prompts_frac, cfg.eval_prompts_frac, cfg.seed)
+        rows = evals if a.prompts == "eval" else val
+    else:
+        rows = load_prompts(a.prompts)
+    prompts = [encode_prompt(tok, p["prompt"], chat, 96) for p in rows]
     confs = {"plain": lambda: None, "ngram": lambda: NgramDrafter()}
     for d in a.drafters:
         src = make_drafter(d, model)
         gated = MTPDraftSource(src.drafter, min_confidence=a.gate)
         confs[f"{d}"] = lambda src=src: src
         confs[f"{d} + ngram@{a.gate}"] = lambda g=gated: CombinedDrafter(g, min_match=2)
-    res = evaluate(model, tok, prompts, confs, a.max_new_tokens, a.draft_len)
-    print(f"{len(prompts)} prompts, {model.weights_format}, k={a.draft_len}, {a.max_new_tokens} new tokens")
+    res = evaluate(model, tok, prompts, confs, a.max_new_tokens, a.draft_len, temperature=a.temperature)
+    print(f"{len(prompts)} prompts ({a.prompts}), {model.weights_format}, k={a.draft_len}, "
+          f"{a.max_new_tokens} new tokens, temperature {a.temperature}")
     print("| drafter | tau | decode tok/s | vs plain | greedy == plain |\n|---|---|---|---|---|")
     for n, r in res["configs"].items():
         print(f"| {n} | {r['tau']:.2f} | {r['decode_tokens_per_s']:.1f} | {r.get('speedup_vs_plain', 1.0):.2f} | "

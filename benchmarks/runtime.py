@@ -1,6 +1,6 @@
 """Runtime benchmark: decode step vs the weight-read bound, forward cost over n
-positions, plain decoding vs transformers generate(), and the cost of one MTP
-drafting step (dense vs clustered).
+positions, the one-call layer stack vs the same kernels block by block, plain decoding
+vs transformers generate(), and the cost of one MTP drafting step (dense vs clustered).
 
     python benchmarks/runtime.py --max-new-tokens 64 --rounds 2            # default weights (the GGUF's blocks)
     python benchmarks/runtime.py --dtype bf16 --max-new-tokens 64 --rounds 2
@@ -88,6 +88,17 @@ def main():
     res["forward_ms"] = {n: round(sorted(v)[1], 2) for n, v in fw.items()}
     res["forward_over_n1"] = {n: round(v / res["forward_ms"][1], 2) for n, v in res["forward_ms"].items()}
     res["step_over_bound"] = round(res["forward_ms"][1] / res["weight_read_bound_ms"], 2)
+    stack = model.layer_stack
+    if stack is not None:  # the layers as one native call vs the same kernels called block by block
+        ab = {(s, n): [] for s in ("stack", "blocks") for n in (1, 7)}
+        for _ in range(4):
+            for s, n in ab:
+                model.layer_stack = stack if s == "stack" else None
+                ab[s, n].append(decode_step_ms(model, n, reps=10))
+        model.layer_stack = stack
+        res["layer_stack_ms"] = {f"{s}_n{n}": round(sorted(v)[1], 2) for (s, n), v in ab.items()}
+        res["layer_stack_over_blocks"] = {n: round(sorted(ab["stack", n])[1] / sorted(ab["blocks", n])[1], 3)
+                                          for n in (1, 7)}
     res["draft_step_ms"] = {"clustered": round(draft_step_ms(model, True), 2),
                             "dense": round(draft_step_ms(model, False), 2)}
     shipped = shipped_drafter_dir("gemma-3-270m")

@@ -87,6 +87,12 @@ class GatedMLP(Module):
         self.gate_up = kernels.pack(fuse_weights(self.gate_proj, self.up_proj))
         self.down_proj.pack()
 
+    def stack_kwargs(self) -> dict | None:
+        """This MLP's part of a kernels.StackLayer (None unless its weights are quantized)."""
+        if not isinstance(self.gate_up, kernels.QWeight) or self.down_proj.qweight is None:
+            return None
+        return dict(gate_up=self.gate_up.stack_mat(), down=self.down_proj.qweight.stack_mat(), act=kernels.ACTS[self.act])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
             gu = linear(x, self.gate_up)
@@ -155,6 +161,18 @@ class Attention(Module):
         packed for the streaming GEMV (a second, packed copy of the weights)."""
         self.qkv = kernels.pack(fuse_weights(self.q_proj, self.k_proj, self.v_proj))
         self.o_proj.pack()
+
+    def stack_kwargs(self) -> dict | None:
+        """This attention's part of a kernels.StackLayer, with exactly the arguments forward()
+        passes (None unless its weights are quantized)."""
+        if not isinstance(self.qkv, kernels.QWeight) or self.o_proj.qweight is None:
+            return None
+        qn, kn = self.q_norm, self.k_norm
+        return dict(qkv=self.qkv.stack_mat(), o=self.o_proj.qweight.stack_mat(),
+                    q_norm=qn.weight if qn is not None else None, k_norm=kn.weight if kn is not None else None,
+                    qk_eps=qn.eps if qn is not None else 0.0, qk_offset=qn.offset if qn is not None else 0.0,
+                    inv_freq=self.inv_freq, heads=self.heads, kv_heads=self.kv_heads, window=self.window,
+                    scale=self.scale, softcap=self.softcap)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         B, N, _ = x.shape

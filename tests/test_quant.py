@@ -244,6 +244,36 @@ def test_quantized_rows_invariant_and_speculative_identical(tmp_path, family):
                 assert got == plain, (type(d).__name__, k)
 
 
+@pytest.mark.parametrize("family", ["gemma3_text", "llama"])
+def test_layer_stack_is_the_python_blocks_bit_for_bit(tmp_path, family):
+    """The one-call layer stack makes the blocks' own kernel calls: same logits and cache as
+    the Python blocks, for several rows, chunkings and thread counts."""
+    from mtpdraft.models import load_model_dir
+
+    model = load_model_dir(tiny_model_dir(tmp_path / "m", family, seed=5), "q8_0")
+    stack = model.layer_stack
+    assert stack is not None and len(stack) == len(model.model.layers)
+    assert load_model_dir(tiny_model_dir(tmp_path / "d", family, seed=5), "bf16").layer_stack is None  # dense: blocks
+
+    def run(use_stack, B, chunks):
+        model.layer_stack = stack if use_stack else None
+        cache = model.new_cache(B, 64)
+        g = torch.Generator().manual_seed(B)
+        out = [model(torch.randint(4, 500, (B, n), generator=g), cache).logits for n in chunks]
+        return out, cache
+
+    threads = torch.get_num_threads()
+    try:
+        for nt, B, chunks in ((threads, 1, [9, 1, 7, 1]), (1, 2, [5, 1, 3]), (3, 3, [4, 2])):
+            torch.set_num_threads(nt)
+            (a, ca), (b, cb) = run(True, B, chunks), run(False, B, chunks)
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), (nt, B, chunks)
+            assert all(torch.equal(x.k, y.k) and torch.equal(x.v, y.v) for x, y in zip(ca.layers, cb.layers))
+    finally:
+        torch.set_num_threads(threads)
+        model.layer_stack = stack
+
+
 def test_drafting_without_native_kernels_is_an_error(monkeypatch, tmp_path):
     from mtpdraft.models import load_model_dir
 

@@ -82,12 +82,25 @@ def test_default_weights_are_the_files_quantized_blocks():
     from mtpdraft.kernels.quant import dequantize
     from mtpdraft.models import QUANT_FILE, load_quant
 
-    model, _ = mtpdraft.load("gemma-3-270m")
+    model, tok = mtpdraft.load("gemma-3-270m")
     assert model.weights_format == "Q4_K+Q5_0+Q6_K+Q8_0"
     assert 230 * 2**20 < model.weight_bytes() < 240 * 2**20  # the file's 235 MiB, not 536 MB of bf16
     quant = load_quant(model.path / QUANT_FILE)
     dense = load_file(str(model.path / "model.safetensors"))
     assert len(quant) == 18 * 7 + 1  # every projection and the tied embedding/head
+    # the layers run as one native call, with the same bits as the Python blocks
+    stack = model.layer_stack
+    assert stack is not None
+    ids = torch.tensor([tok(PROMPTS[1]).input_ids])
+    outs = []
+    try:
+        for s in (stack, None):
+            model.layer_stack = s
+            cache = model.new_cache(1, 256)
+            outs.append([model(ids, cache).logits, model(ids[:, :7], cache).logits, model(ids[:, :1], cache).logits])
+    finally:
+        model.layer_stack = stack
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
     for name, q in quant.items():  # bit for bit the values transformers dequantizes from the file
         assert np.array_equal(dequantize(q.parts[0].numpy(), q.types[0], q.shape[1]), dense[name].numpy()), name
 

@@ -494,6 +494,10 @@ class QWeight:
                     types.append(t)
         return QWeight([_joined(ps) for ps in parts], types, ws[0].shape[1])
 
+    def stack_mat(self) -> "tuple[list[torch.Tensor], list[int]]":
+        """(parts, type ids): how layer_stack takes a matrix."""
+        return list(self.parts), list(self._ids)
+
     def to_huge_pages(self) -> "QWeight":
         mod = _qload()
         if mod:
@@ -553,6 +557,19 @@ def arena(ws: "list[QWeight]") -> None:
             new.append(v)
             off += p.numel()
         w.parts = new
+
+
+def layer_stack(layers: "list[dict]"):
+    """The decoder layers as one native call (mtpdraft_qkernels.Stack): `layers` holds each
+    block's StackLayer arguments (its stack_kwargs()). Same kernel calls as the Python blocks,
+    so the same bits. None when either kernel module is unavailable."""
+    mod, main = _qload(), _load()
+    if not mod or not main or not layers:
+        return None
+    stack = mod.Stack(main.layer_fns())
+    for kw in layers:
+        stack.add(mod.StackLayer(**kw))
+    return stack
 
 
 def qlinear(x: torch.Tensor, w: QWeight) -> torch.Tensor:

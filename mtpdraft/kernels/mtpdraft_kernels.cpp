@@ -1055,7 +1055,24 @@ void set_tuning(int64_t pf_rows, int64_t ob, int64_t pf_bytes, int64_t pf_blocks
   g_pf_bytes = pf_bytes;
 }
 
+// The kernels a decoder layer calls, for mtpdraft_qkernels' one-call layer stack (handed over
+// in a capsule; the struct is repeated there, and `size` guards the two against drifting).
+struct LayerFns {
+  int64_t size;
+  torch::Tensor (*rmsnorm)(torch::Tensor, torch::Tensor, double, double);
+  std::vector<torch::Tensor> (*add_rmsnorm)(torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>,
+                                            c10::optional<torch::Tensor>, double, double);
+  torch::Tensor (*gated_act)(torch::Tensor, int64_t);
+  torch::Tensor (*qkv_rope_cache)(torch::Tensor, torch::Tensor, int64_t, int64_t, c10::optional<torch::Tensor>,
+                                  c10::optional<torch::Tensor>, double, double, torch::Tensor, torch::Tensor,
+                                  torch::Tensor, int64_t, bool);
+  torch::Tensor (*attention)(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, double, double);
+};
+const LayerFns kLayerFns = {sizeof(LayerFns), &rmsnorm, &add_rmsnorm, &gated_act, &qkv_rope_cache, &attention};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("layer_fns", [] { return py::capsule(static_cast<const void*>(&kLayerFns), "mtpdraft.layer_fns"); },
+        "the layer kernels' addresses, for mtpdraft_qkernels.Stack");
   m.def("_set_tuning", &set_tuning, "speed-only knobs: prefetch distance (rows), output block rows, packed prefetch (bytes; blocks for 2+ rows)");
   m.def("pack_weight", &pack_weight, "pack [O, K] weights for linear_packed");
   m.def("linear_packed", &linear_packed, "batch-invariant y = x @ w.T over a packed weight");

@@ -205,12 +205,19 @@ void dequant_row(const uint8_t* panel, int j, int64_t K, float* out) {
 // while several rows compute: measured on the 262144 x 640 Q8_0 head, 2 threads, 7 rows
 // 9.7 -> 6.3 ms (1 row 5.3 -> 5.1 ms); 4-12 KB all gave about the same, 32 KB less (Zen 4).
 // The AVX2 build's figures (Zen 3) were measured with 64 KB; 2-128 KB were within noise there.
+// With several rows the AVX-512 build prefetches into L2 only (T1): whole model, 7 positions,
+// 13.7-14.1 -> 11.6-12.5 ms (Zen 4, one process, interleaved); one row keeps T0 (T1 was no
+// faster there). Prefetching changes no arithmetic.
 constexpr int64_t kPrefetch = MTP_AVX512 ? 8192 : 65536;
 template <int T>
-[[gnu::always_inline]] inline void prefetch_ahead(const uint8_t* panel, int64_t b) {
+[[gnu::always_inline]] inline void prefetch_ahead(const uint8_t* panel, int64_t b, bool to_l2) {
   constexpr int64_t per_block = unit_bytes(T) / (unit_elems(T) / 32);  // bytes per 32 weights
   const char* p = reinterpret_cast<const char*>(panel) + b * per_block + kPrefetch;
-  for (int64_t l = 0; l < per_block; l += 64) _mm_prefetch(p + l, _MM_HINT_T0);
+  if (MTP_AVX512 && to_l2) {
+    for (int64_t l = 0; l < per_block; l += 64) _mm_prefetch(p + l, _MM_HINT_T1);
+  } else {
+    for (int64_t l = 0; l < per_block; l += 64) _mm_prefetch(p + l, _MM_HINT_T0);
+  }
 }
 
 #if MTP_AVX512
@@ -307,7 +314,7 @@ inline void panel_rows(const uint8_t* panel, const XQ& a, const int32_t* init, i
   for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
   Block wb;
   for (int64_t b = 0; b < nb; ++b) {
-    if (prefetch) prefetch_ahead<T>(panel, b);
+    if (prefetch) prefetch_ahead<T>(panel, b, a.N > 1);
     decode<T>(panel, b, wb);
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
@@ -488,7 +495,7 @@ inline void panel_rows(const uint8_t* panel, const XQ& a, const int32_t* init, i
     for (int h = 0; h < 2; ++h)
       for (int g = 0; g < G; ++g) acc[h][g] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-      if (prefetch) prefetch_ahead<T>(panel, b);
+      if (prefetch) prefetch_ahead<T>(panel, b, a.N > 1);
       for (int h = 0; h < 2; ++h) block_rows<T, G>(panel, b, h, xq, dl, cs, in, K, nb, acc[h]);
     }
     for (int h = 0; h < 2; ++h)
@@ -501,7 +508,7 @@ inline void panel_rows(const uint8_t* panel, const XQ& a, const int32_t* init, i
       __m256 acc[G];
       for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
       for (int64_t b = 0; b < nb; ++b) {
-        if (prefetch && h == 0) prefetch_ahead<T>(panel, b);
+        if (prefetch && h == 0) prefetch_ahead<T>(panel, b, a.N > 1);
         block_rows<T, G>(panel, b, h, xq, dl, cs, in, K, nb, acc);
       }
       for (int g = 0; g < G; ++g) _mm256_storeu_ps(y + g * ldy + 8 * h, acc[g]);
@@ -661,6 +668,85 @@ torch::Tensor huge_copy(torch::Tensor w) {
   return out;
 }
 
+// ---------------------------------------------------------------------------
+// A decoder stack in one call: Gemma 3 and Llama blocks over quantized weights. Each
+// layer makes exactly the kernel calls its Python block makes, in the same order with
+// the same arguments, so the results are the same bits; what goes is ~10 Python-level
+// calls a layer (a few us each, ~10% of a one-token step). The non-linear kernels live in
+// mtpdraft_kernels, which hands their addresses over in a capsule (layer_fns).
+// ---------------------------------------------------------------------------
+struct LayerFns {  // as in mtpdraft_kernels.cpp
+  int64_t size;
+  torch::Tensor (*rmsnorm)(torch::Tensor, torch::Tensor, double, double);
+  std::vector<torch::Tensor> (*add_rmsnorm)(torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>,
+                                            c10::optional<torch::Tensor>, double, double);
+  torch::Tensor (*gated_act)(torch::Tensor, int64_t);
+  torch::Tensor (*qkv_rope_cache)(torch::Tensor, torch::Tensor, int64_t, int64_t, c10::optional<torch::Tensor>,
+                                  c10::optional<torch::Tensor>, double, double, torch::Tensor, torch::Tensor,
+                                  torch::Tensor, int64_t, bool);
+  torch::Tensor (*attention)(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, double, double);
+};
+
+struct QMat {
+  std::vector<torch::Tensor> parts;
+  std::vector<int64_t> types;
+};
+
+// One block: h = norm(x); x += [post_attn-norm of] o(attn(qkv(h))); h = pre_mlp-norm(x);
+// x += [post_mlp-norm of] down(act(gate_up(h))). Absent post norms: Llama's plain residuals.
+struct StackLayer {
+  torch::Tensor in_norm, pre_mlp, inv_freq;
+  c10::optional<torch::Tensor> q_norm, k_norm, post_attn, post_mlp;
+  QMat qkv, o, gate_up, down;
+  double in_eps, in_offset, qk_eps, qk_offset, res_eps, res_offset, mlp_eps, mlp_offset, scale, softcap;
+  int64_t heads, kv_heads, window, act;
+};
+
+class Stack {
+ public:
+  explicit Stack(py::capsule fns) {
+    TORCH_CHECK(std::string(fns.name()) == "mtpdraft.layer_fns", "Stack: not a mtpdraft.layer_fns capsule");
+    fns_ = static_cast<const LayerFns*>(fns.get_pointer());
+    TORCH_CHECK(fns_->size == static_cast<int64_t>(sizeof(LayerFns)), "Stack: mtpdraft_kernels build does not match");
+  }
+
+  void add(StackLayer l) {
+    for (const QMat* q : {&l.qkv, &l.o, &l.gate_up, &l.down}) {
+      TORCH_CHECK(!q->parts.empty() && q->parts.size() == q->types.size(), "Stack: one type per part");
+    }
+    layers_.push_back(std::move(l));
+  }
+
+  int64_t size() const { return static_cast<int64_t>(layers_.size()); }
+
+  // x [B, N, D] fp32; positions [B, N]; per layer its cache's k and v -> x after the last layer
+  torch::Tensor forward(torch::Tensor x, torch::Tensor positions, const std::vector<torch::Tensor>& k,
+                        const std::vector<torch::Tensor>& v) const {
+    TORCH_CHECK(k.size() == layers_.size() && v.size() == layers_.size(), "Stack: one k and v cache per layer");
+    TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat, "Stack: x must be [B, N, D] float32");
+    const int64_t B = x.size(0), N = x.size(1);
+    const LayerFns& f = *fns_;
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const StackLayer& l = layers_[i];
+      torch::Tensor h = f.rmsnorm(x, l.in_norm, l.in_eps, l.in_offset);
+      torch::Tensor qkv = qlinear(h, l.qkv.parts, l.qkv.types);
+      torch::Tensor q = f.qkv_rope_cache(qkv, positions, l.heads, l.kv_heads, l.q_norm, l.k_norm, l.qk_eps,
+                                         l.qk_offset, l.inv_freq, k[i], v[i], 0, false);
+      torch::Tensor att = f.attention(q, k[i], v[i], positions, l.window, l.scale, l.softcap);
+      torch::Tensor a = qlinear(att.reshape({B, N, -1}), l.o.parts, l.o.types);
+      std::vector<torch::Tensor> r = f.add_rmsnorm(x, a, l.post_attn, l.pre_mlp, l.res_eps, l.res_offset);
+      torch::Tensor m = qlinear(f.gated_act(qlinear(r[1], l.gate_up.parts, l.gate_up.types), l.act), l.down.parts,
+                                l.down.types);
+      x = l.post_mlp ? f.add_rmsnorm(r[0], m, l.post_mlp, c10::nullopt, l.mlp_eps, l.mlp_offset)[0] : r[0] + m;
+    }
+    return x;
+  }
+
+ private:
+  const LayerFns* fns_;
+  std::vector<StackLayer> layers_;
+};
+
 std::string isa() { return MTP_AVX512 ? "avx512-vnni" : "avx2"; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -668,5 +754,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qrows", &qrows, "exact fp32 values of selected rows of a quantized weight");
   m.def("huge_copy", &huge_copy, "copy into transparent huge pages");
   m.def("huge_empty", &huge_empty, "uninitialised uint8 buffer in transparent huge pages");
+  py::class_<StackLayer>(m, "StackLayer", py::module_local())  // both ISA builds may load
+      .def(py::init([](py::kwargs kw) {
+        StackLayer l;
+        auto t = [&](const char* k) { return kw[k].cast<torch::Tensor>(); };
+        auto ot = [&](const char* k) { return kw[k].cast<c10::optional<torch::Tensor>>(); };
+        auto q = [&](const char* k) {
+          auto pt = kw[k].cast<std::pair<std::vector<torch::Tensor>, std::vector<int64_t>>>();
+          return QMat{pt.first, pt.second};
+        };
+        auto d = [&](const char* k) { return kw[k].cast<double>(); };
+        auto i = [&](const char* k) { return kw[k].cast<int64_t>(); };
+        l.in_norm = t("in_norm"), l.pre_mlp = t("pre_mlp"), l.inv_freq = t("inv_freq");
+        l.q_norm = ot("q_norm"), l.k_norm = ot("k_norm"), l.post_attn = ot("post_attn"), l.post_mlp = ot("post_mlp");
+        l.qkv = q("qkv"), l.o = q("o"), l.gate_up = q("gate_up"), l.down = q("down");
+        l.in_eps = d("in_eps"), l.in_offset = d("in_offset"), l.qk_eps = d("qk_eps"), l.qk_offset = d("qk_offset");
+        l.res_eps = d("res_eps"), l.res_offset = d("res_offset"), l.mlp_eps = d("mlp_eps");
+        l.mlp_offset = d("mlp_offset"), l.scale = d("scale"), l.softcap = d("softcap");
+        l.heads = i("heads"), l.kv_heads = i("kv_heads"), l.window = i("window"), l.act = i("act");
+        return l;
+      }));
+  py::class_<Stack>(m, "Stack", py::module_local())
+      .def(py::init<py::capsule>())
+      .def("add", &Stack::add)
+      .def("__len__", &Stack::size)
+      .def("forward", &Stack::forward, "x after every layer (the blocks' own kernel calls, in order)");
   m.def("isa", &isa, "instruction set this build uses");
 }

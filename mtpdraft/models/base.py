@@ -45,6 +45,7 @@ class CausalLM(nn.Module):
         self._head = None  # the head weight packed for the streaming GEMV, or quantized (load_weights)
         self._qembed = None  # quantized input embedding (tied head), if the weights are quantized
         self.weights_format = "uninitialized"  # bf16 | fp32 | the quantized types in use (load_weights)
+        self.layer_stack = None  # the blocks as one native call (quantized Gemma 3 / Llama; load_weights)
 
     # -- what the decoding loop and the drafters use -------------------------------
     @property
@@ -99,8 +100,11 @@ class CausalLM(nn.Module):
         positions = cache.positions(N)
         x = self.embed(tokens)
         extra = self.per_layer_inputs(tokens, x)
-        for i, (blk, layer_cache) in enumerate(zip(self.model.layers, cache.layers)):
-            x = blk(x, positions, layer_cache) if extra is None else blk(x, positions, layer_cache, extra[:, :, i])
+        if self.layer_stack is not None and extra is None:
+            x = self.layer_stack.forward(x, positions, [c.k for c in cache.layers], [c.v for c in cache.layers])
+        else:
+            for i, (blk, layer_cache) in enumerate(zip(self.model.layers, cache.layers)):
+                x = blk(x, positions, layer_cache) if extra is None else blk(x, positions, layer_cache, extra[:, :, i])
         h = self.model.norm(x)
         cache.advance(N)
         out = None
@@ -159,6 +163,8 @@ class CausalLM(nn.Module):
                 self._head.to_huge_pages()
         else:
             self._head = kernels.pack(self.head_weight)  # the biggest matrix: stream it
+        plans = [blk.stack_kwargs() if hasattr(blk, "stack_kwargs") else None for blk in self.model.layers]
+        self.layer_stack = kernels.layer_stack(plans) if plans and all(plans) else None
         types = sorted({t for q in quant.values() for t in q.types})
         dense = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
         self.weights_format = "+".join(types) if types else dense

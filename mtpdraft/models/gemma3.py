@@ -66,6 +66,17 @@ class Block(Module):
         self.input_layernorm, self.post_attention_layernorm = norm(), norm()
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
 
+    def stack_kwargs(self) -> dict | None:
+        """forward() as one kernels.StackLayer (quantized weights only)."""
+        attn, mlp = self.self_attn.stack_kwargs(), self.mlp.stack_kwargs()
+        if attn is None or mlp is None:
+            return None
+        inn, post, pre, post_ff = (self.input_layernorm, self.post_attention_layernorm,
+                                   self.pre_feedforward_layernorm, self.post_feedforward_layernorm)
+        return dict(attn, **mlp, in_norm=inn.weight, in_eps=inn.eps, in_offset=inn.offset,
+                    post_attn=post.weight, pre_mlp=pre.weight, res_eps=post.eps, res_offset=post.offset,
+                    post_mlp=post_ff.weight, mlp_eps=post_ff.eps, mlp_offset=post_ff.offset)
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         a = self.self_attn(self.input_layernorm(x), positions, cache)
         post, pre = self.post_attention_layernorm, self.pre_feedforward_layernorm

@@ -59,6 +59,16 @@ class Block(Module):
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
+    def stack_kwargs(self) -> dict | None:
+        """forward() as one kernels.StackLayer (quantized weights only)."""
+        attn, mlp = self.self_attn.stack_kwargs(), self.mlp.stack_kwargs()
+        if attn is None or mlp is None:
+            return None
+        inn, norm = self.input_layernorm, self.post_attention_layernorm
+        return dict(attn, **mlp, in_norm=inn.weight, in_eps=inn.eps, in_offset=inn.offset,
+                    post_attn=None, pre_mlp=norm.weight, res_eps=norm.eps, res_offset=0.0,
+                    post_mlp=None, mlp_eps=0.0, mlp_offset=0.0)
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         a = self.self_attn(self.input_layernorm(x), positions, cache)
         norm = self.post_attention_layernorm

@@ -42,12 +42,13 @@ def _sum_stats(parts: list[Stats]) -> dict:
 
 def evaluate(model: CausalLM, tokenizer, prompts: list[list[int]], drafters: dict[str, Callable[[], object]],
              new_tokens: int, draft_len: int = 4, only_first: dict[str, int] | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, temperature: float = 0.0) -> dict:
     """drafters: name -> factory of a fresh drafter per prompt (None = plain decoding).
-    only_first: name -> run that configuration on the first N prompts only."""
+    only_first: name -> run that configuration on the first N prompts only. temperature > 0:
+    sampled (seed = the prompt's index), outputs not compared."""
     from tqdm import tqdm
 
-    sp = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=False)
+    sp = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, ignore_eos=False)
     spec = SpecParams(draft_len=draft_len)
     eos = eos_ids_of(model, tokenizer)
     names = list(drafters)
@@ -65,6 +66,8 @@ def evaluate(model: CausalLM, tokenizer, prompts: list[list[int]], drafters: dic
                 continue
             d = drafters[n]()
             st = Stats()
+            if temperature > 0:
+                sp = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, ignore_eos=False, seed=pi)
             from ..decoding.stops import StopChecker
 
             stopper = StopChecker(sp, eos, tokenizer)
@@ -74,7 +77,7 @@ def evaluate(model: CausalLM, tokenizer, prompts: list[list[int]], drafters: dic
                 r = extra.setdefault(n, {"rounds": {}})["rounds"]
                 for k, v in d.rounds.items():
                     r[k] = r.get(k, 0) + v
-        if "plain" in outs:
+        if "plain" in outs and temperature == 0:
             for n, o in outs.items():
                 if n != "plain":
                     compared[n] += 1
@@ -82,12 +85,12 @@ def evaluate(model: CausalLM, tokenizer, prompts: list[list[int]], drafters: dic
         bar.update(1)
         bar.set_postfix({n: round(_sum_stats(stats[n])["tau"], 2) for n in names if n != "plain" and stats[n]})
     bar.close()
-    res = {"prompts": len(prompts), "new_tokens": new_tokens, "draft_len": draft_len,
+    res = {"prompts": len(prompts), "new_tokens": new_tokens, "draft_len": draft_len, "temperature": temperature,
            "seconds": round(time.perf_counter() - t0, 1), "configs": {}}
     for n in names:
         r = _sum_stats(stats[n])
         r["prompts"] = len(stats[n])
-        if n != "plain":
+        if n != "plain" and temperature == 0:
             r["greedy_equal_to_plain"] = f"{compared[n] - mismatches[n]}/{compared[n]}"
         r.update(extra.get(n, {}))
         res["configs"][n] = r
