@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--draft-len", type=int, default=6)
-    ap.add_argument("--gate", type=float, default=0.6)
+    ap.add_argument("--gate", default="0.6", help="confidence gate(s) of the combined configurations, comma-separated")
     ap.add_argument("--json", default=None, help="write the results here")
     a = ap.parse_args()
     model, tok = load(a.model, a.dtype)
@@ -55,9 +55,10 @@ def main() -> None:
     confs = {"plain": lambda: None, "ngram": lambda: NgramDrafter()}
     for d in a.drafters:
         src = make_drafter(d, model)
-        gated = MTPDraftSource(src.drafter, min_confidence=a.gate)
         confs[f"{d}"] = lambda src=src: src
-        confs[f"{d} + ngram@{a.gate}"] = lambda g=gated: CombinedDrafter(g, min_match=2)
+        for gate in (float(g) for g in a.gate.split(",")):
+            gated = MTPDraftSource(src.drafter, min_confidence=gate)
+            confs[f"{d} + ngram@{gate}"] = lambda g=gated: CombinedDrafter(g, min_match=2)
     res = evaluate(model, tok, prompts, confs, a.max_new_tokens, a.draft_len, temperature=a.temperature)
     print(f"{len(prompts)} prompts ({a.prompts}), {model.weights_format}, k={a.draft_len}, "
           f"{a.max_new_tokens} new tokens, temperature {a.temperature}")

@@ -200,6 +200,54 @@ def test_train_quick_end_to_end(tiny, tmp_path, one_thread):
     assert decide({"ngram": 5.0, "combined": 6.0, "mtp": 9.0}, "alone")
     assert json.loads((tmp_path / "alone" / "auto.json").read_text())["drafter"] == "mtp"
     assert isinstance(make_drafter(str(tmp_path / "alone"), model), type(trained))
+    # sampled requests: their own choice, made on the validation prompts at the set temperature
+    sel_t, ev_t = (json.loads((out / f).read_text()) for f in ("select_sampled.json", "eval_sampled.json"))
+    assert sel_t["temperature"] == ev_t["temperature"] == cfg.sampled_temperature > 0
+    assert sel_t["prompt_ids"] == sel["prompt_ids"] and ev_t["prompt_ids"] == ev["prompt_ids"]
+    assert "mtp_untrained" not in sel_t["configs"] and "greedy_equal_to_plain" not in sel_t["configs"]["mtp"]
+    doctored = json.loads(json.dumps(sel_t))
+    for n, r in doctored["configs"].items():
+        r["decode_tokens_per_s"] = 9.0 if n == "ngram" else 1.0
+    (out / "select_sampled.json").write_text(json.dumps(doctored))
+    assert decide({"ngram": 5.0, "combined": 9.0, "mtp": 7.0}, "both")
+    auto = json.loads((tmp_path / "both" / "auto.json").read_text())
+    assert auto["drafter"] == "combined" and auto["sampled"]["drafter"] == "ngram"
+    assert f"temperature {cfg.sampled_temperature}" in (tmp_path / "both" / "README.md").read_text()
+
+
+def test_auto_runs_its_sampled_variant_at_temperature(tiny, one_thread, tmp_path, monkeypatch):
+    """auto.json's "sampled" entry: greedy requests get the greedy variant, sampled ones the
+    sampled variant (with its draft-length cap); greedy output stays plain decoding's."""
+    import shutil
+
+    import mtpdraft.drafters as D
+    from mtpdraft.drafters.base import DraftContext
+    from mtpdraft.drafters.combined import ByTemperature
+
+    path, model, tok = tiny
+    dr = _randomized(model, ["full_attention"])
+    dest = tmp_path / "shipped"
+    dr.save(dest)
+    (dest / "auto.json").write_text(json.dumps({"drafter": "combined", "min_confidence": 0.0, "min_match": 2,
+                                                "sampled": {"drafter": "ngram", "draft_len": 2}}))
+    monkeypatch.setattr(D, "shipped_drafter_dir", lambda name: dest)
+    auto = make_drafter("auto", model, "tiny")
+    assert isinstance(auto, ByTemperature) and isinstance(auto.greedy, CombinedDrafter)
+    assert isinstance(auto.sampled, NgramDrafter)
+    cache = model.new_cache(1, 64, 64)
+    toks = [5, 6, 7, 8, 9, 5, 6]
+    out = model(torch.tensor([toks[:-1]]), cache, logits="none")
+    ctx = DraftContext(toks, out.hidden[0, -1], model, cache, sampling=SamplingParams(temperature=0.7))
+    assert auto.propose(ctx, 4).tokens == [7, 8] and auto.last is auto.sampled  # capped at 2
+    ctx = DraftContext(toks, out.hidden[0, -1], model, cache, sampling=SamplingParams())
+    assert auto.propose(ctx, 4).tokens == [7, 8, 9, 5] and auto.last is auto.greedy
+    ids = tok("abcabcabc hello").input_ids
+    sp = SamplingParams(max_new_tokens=30)
+    assert list(generate(model, ids, sp, drafter=auto, spec=SpecParams(draft_len=4))) == list(generate(model, ids, sp))
+    (dest / "auto.json").write_text(json.dumps({"drafter": "combined", "sampled": {"drafter": "eagle"}}))
+    with pytest.raises(ValueError, match="unknown drafter 'eagle'"):
+        make_drafter("auto", model, "tiny")
+    shutil.rmtree(dest)
 
 
 def test_combined_drafter_is_lossless(tiny, one_thread):

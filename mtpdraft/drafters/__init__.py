@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import kernels
 from ..models.base import CausalLM
 from .base import Draft, DraftContext, Drafter
-from .combined import CombinedDrafter
+from .combined import ByTemperature, CombinedDrafter
 from .gemma4_assistant import is_gemma4_assistant, load_gemma4_assistant
 from .mtp import MTPConfig, MTPDrafter, MTPDraftSource
 from .ngram import NgramDrafter
@@ -40,17 +40,30 @@ def make_drafter(spec: str, target: CausalLM, model_name: str = "", min_confiden
         path = shipped_drafter_dir(model_name)
         if path is None:
             return NgramDrafter()
-        # the combination and confidence gate chosen when the drafter was shipped
+        # the combination and confidence gate chosen when the drafter was shipped; "sampled":
+        # the one chosen for temperature > 0, if it differs
         auto = json.loads((path / "auto.json").read_text()) if (path / "auto.json").is_file() else {}
-        source = _load_source(path, target, min_confidence or float(auto.get("min_confidence", 0.0)))
-        kind = auto.get("drafter", "combined")
-        if kind not in ("combined", "mtp"):
-            raise ValueError(f"{path / 'auto.json'}: unknown drafter {kind!r} (combined or mtp)")
-        return source if kind == "mtp" else CombinedDrafter(source, min_match=int(auto.get("min_match", 2)))
+        source = _load_source(path, target, 0.0)
+        greedy = _auto_variant(auto, source, min_confidence, path)
+        if "sampled" not in auto:
+            return greedy
+        sampled = _auto_variant(auto["sampled"], source, min_confidence, path)
+        return ByTemperature(greedy, sampled, max_sampled_len=auto["sampled"].get("draft_len"))
     path = Path(spec)
     if not path.is_dir():
         raise ValueError(f"unknown drafter {spec!r}: use none, auto, ngram or a drafter directory")
     return _load_source(path, target, min_confidence)
+
+
+def _auto_variant(cfg: dict, source: MTPDraftSource, min_confidence: float, path: Path) -> Drafter:
+    """One of auto.json's variants: mtp | combined (with its gate) | ngram; `source` is shared."""
+    kind = cfg.get("drafter", "combined")
+    if kind == "ngram":
+        return NgramDrafter()
+    if kind not in ("combined", "mtp"):
+        raise ValueError(f"{path / 'auto.json'}: unknown drafter {kind!r} (combined, mtp or ngram)")
+    gated = MTPDraftSource(source.drafter, min_confidence or float(cfg.get("min_confidence", 0.0)))
+    return gated if kind == "mtp" else CombinedDrafter(gated, min_match=int(cfg.get("min_match", 2)))
 
 
 def _load_source(path: Path, target: CausalLM, min_confidence: float) -> MTPDraftSource:

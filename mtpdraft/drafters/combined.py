@@ -37,3 +37,30 @@ class CombinedDrafter:
             self.mtp.observe(accepted, proposed)
         elif self.last == "ngram":
             self.ngram.observe(accepted, proposed)
+
+
+class ByTemperature:
+    """`auto` when its greedy and sampled choices differ: one drafter for greedy requests,
+    another (at most `max_sampled_len` tokens a round) for temperature > 0. A request keeps
+    its temperature, so each request sees one of them throughout."""
+
+    def __init__(self, greedy: Drafter, sampled: Drafter, max_sampled_len: int | None = None):
+        if max_sampled_len is not None and max_sampled_len < 1:
+            raise ValueError(f"max_sampled_len must be >= 1, got {max_sampled_len}")
+        self.greedy, self.sampled, self.max_sampled_len = greedy, sampled, max_sampled_len
+        self.last: Drafter | None = None
+
+    def propose(self, ctx: DraftContext, k: int) -> Draft:
+        sampled = ctx.sampling is not None and not ctx.sampling.greedy
+        self.last = self.sampled if sampled else self.greedy
+        if sampled and self.max_sampled_len:
+            k = min(k, self.max_sampled_len)
+        return self.last.propose(ctx, k)
+
+    def observe(self, accepted: int, proposed: int) -> None:
+        if self.last is not None:
+            self.last.observe(accepted, proposed)
+
+    @property
+    def rounds(self) -> dict:
+        return getattr(self.last, "rounds", {})

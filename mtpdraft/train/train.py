@@ -124,6 +124,7 @@ class TrainConfig:
     draft_len: int = DEFAULT_DRAFT_LEN
     min_match: int = 2  # combined drafter: n-gram when its match has >= this many tokens
     gates: tuple[float, ...] = (0.3, 0.6)  # also evaluate `combined` stopping a draft below these confidences
+    sampled_temperature: float = 0.7  # auto's variant for temperature > 0 is chosen at this one (0: not chosen)
     top_k_tolerance: float = 0.01  # keep the smallest centroid top-k within this of the best validation tau
 
     @classmethod
@@ -585,10 +586,11 @@ def chosen_variant(select: dict) -> str:
                key=lambda n: c[n]["decode_tokens_per_s"])
 
 
-def stage_eval(cfg: TrainConfig, prompt_set: list[dict], name: str, only: list[str] | None = None) -> dict:
+def stage_eval(cfg: TrainConfig, prompt_set: list[dict], name: str, only: list[str] | None = None,
+               temperature: float = 0.0) -> dict:
     """The real speculative loop on `prompt_set` -> OUT/{name}.json: "select" runs every
     variant on the validation prompts (the choices are made there), "eval" runs `only`
-    these on the eval prompts (the reported figures)."""
+    these on the eval prompts (the reported figures); "*_sampled" the same at `temperature`."""
     from .. import load
     from ..drafters import MTPDraftSource, NgramDrafter, make_drafter
     from ..drafters.combined import CombinedDrafter
@@ -616,7 +618,7 @@ def stage_eval(cfg: TrainConfig, prompt_set: list[dict], name: str, only: list[s
     if only is not None:
         drafters = {n: f for n, f in drafters.items() if n in only}
     res = evaluate(model, tok, prompts, drafters, cfg.eval_new_tokens, cfg.draft_len,
-                   only_first={"mtp_untrained": cfg.eval_untrained_prompts})
+                   only_first={"mtp_untrained": cfg.eval_untrained_prompts}, temperature=temperature)
     res.update(model=cfg.model, dtype=cfg.dtype, weights=model.weights_format, prompt_set=name,
                prompt_ids=[p["id"] for p in prompt_set[: cfg.eval_prompts]])
     path.write_text(json.dumps(res, indent=2))
@@ -657,6 +659,11 @@ def run(cfg: TrainConfig) -> dict:
     del model
     select = stage_eval(cfg, val_prompts, "select")
     res = stage_eval(cfg, eval_prompts, "eval", only=sorted({"plain", "mtp", "ngram", chosen_variant(select)}))
+    if cfg.sampled_temperature > 0:  # the same choice for sampled requests (acceptance differs there)
+        variants = [n for n in select["configs"] if n != "mtp_untrained"]
+        sel_t = stage_eval(cfg, val_prompts, "select_sampled", only=variants, temperature=cfg.sampled_temperature)
+        stage_eval(cfg, eval_prompts, "eval_sampled", only=sorted({"plain", "mtp", "ngram", chosen_variant(sel_t)}),
+                   temperature=cfg.sampled_temperature)
     t4 = time.perf_counter()
     _log(f"stage seconds this run: data {t1 - t0:.0f}, features {t2 - t1:.0f}, train {t3 - t2:.0f}, eval {t4 - t3:.0f}")
     # wall time per stage, summed over resumed runs (a stage that was already done adds ~0)
@@ -692,12 +699,21 @@ def ship(cfg: TrainConfig, dest: str | Path) -> bool:
     dest.mkdir(parents=True, exist_ok=True)
     for f in ("config.json", "model.safetensors"):
         shutil.copy(out / "drafter" / f, dest / f)
-    gate = float(best.partition("@")[2] or 0.0)
-    (dest / "auto.json").write_text(json.dumps({"drafter": best.partition("@")[0], "min_confidence": gate,
-                                                "min_match": cfg.min_match, "chosen_from": best}, indent=1))
+    auto = auto_variant(best, cfg.min_match)
+    if (out / "select_sampled.json").exists():
+        best_t = chosen_variant(json.loads((out / "select_sampled.json").read_text()))
+        if best_t != best:
+            auto["sampled"] = dict(auto_variant(best_t, cfg.min_match), temperature=cfg.sampled_temperature)
+    (dest / "auto.json").write_text(json.dumps(auto, indent=1))
     (dest / "README.md").write_text(model_card(cfg, ev, sel))
     _log(f"shipped to {dest}")
     return True
+
+
+def auto_variant(name: str, min_match: int) -> dict:
+    """auto.json's entry for a variant name of the evaluation: mtp | ngram | combined[@gate]."""
+    return {"drafter": name.partition("@")[0], "min_confidence": float(name.partition("@")[2] or 0.0),
+            "min_match": min_match, "chosen_from": name}
 
 
 def _timings(out: Path) -> str:
@@ -723,6 +739,22 @@ def model_card(cfg: TrainConfig, ev: dict, sel: dict) -> str:
         rows.append(f"| {n} | {r['prompts']} | {r['tau']:.2f} | {acc} | {r['decode_tokens_per_s']:.1f} | "
                     f"{r.get('speedup_vs_plain', 1.0):.2f} | {r.get('greedy_equal_to_plain', '-')} |")
     size = (out / "drafter" / "model.safetensors").stat().st_size / 1e6
+    sampled = ""
+    if (out / "eval_sampled.json").exists():
+        ev_t = json.loads((out / "eval_sampled.json").read_text())
+        sel_t = json.loads((out / "select_sampled.json").read_text())
+        rows_t = [f"| {n} | {r['prompts']} | {r['tau']:.2f} | {r['decode_tokens_per_s']:.1f} | "
+                  f"{r.get('speedup_vs_plain', 1.0):.2f} |" for n, r in ev_t["configs"].items()]
+        sampled = f"""
+## Evaluation at temperature {ev_t['temperature']} (eval prompts, the drafter sampling from its own distribution)
+
+`auto`'s variant for sampled requests, chosen on the validation prompts at this temperature
+(`select_sampled.json`): {chosen_variant(sel_t)}.
+
+| drafter | prompts | tau | decode tok/s | vs plain |
+|---|---|---|---|---|
+{chr(10).join(rows_t)}
+"""
     defaults = asdict(TrainConfig(model=cfg.model, out=cfg.out))
     changed = " ".join(f"--set {k}='{json.dumps(v)}'" for k, v in asdict(cfg).items()
                        if k not in ("model", "out") and json.dumps(v) != json.dumps(defaults[k]))
@@ -775,4 +807,4 @@ runs whichever of MTP alone and the combined variants was fastest on the validat
 (settings in `auto.json`).
 Measured on a shared 2-core CPU; timings are noisy. Base-model greedy text loops a lot, which is
 where prompt lookup (n-gram) is hard to beat.
-"""
+{sampled}"""
