@@ -191,6 +191,8 @@ def _cpu_flags() -> set[str]:
 def _module_name(src: Path, prefix: str, cflags: list[str]) -> str:
     h = hashlib.sha1()
     h.update(src.read_bytes())
+    for header in sorted(src.parent.glob("*.h")):  # the sources include them
+        h.update(header.read_bytes())
     h.update(" ".join(cflags + _LDFLAGS).encode())
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())

@@ -22,6 +22,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "mtpdraft_layer_fns.h"
+
 namespace {
 
 inline float hsum8(__m256 v) {
@@ -1068,19 +1070,7 @@ void set_tuning(int64_t pf_rows, int64_t ob, int64_t pf_bytes, int64_t pf_blocks
   g_pf_bytes = pf_bytes;
 }
 
-// The kernels a decoder layer calls, for mtpdraft_qkernels' one-call layer stack (handed over
-// in a capsule; the struct is repeated there, and `size` guards the two against drifting).
-struct LayerFns {
-  int64_t size;
-  torch::Tensor (*rmsnorm)(torch::Tensor, torch::Tensor, double, double);
-  std::vector<torch::Tensor> (*add_rmsnorm)(torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>,
-                                            c10::optional<torch::Tensor>, double, double);
-  torch::Tensor (*gated_act)(torch::Tensor, int64_t);
-  torch::Tensor (*qkv_rope_cache)(torch::Tensor, torch::Tensor, int64_t, int64_t, c10::optional<torch::Tensor>,
-                                  c10::optional<torch::Tensor>, double, double, torch::Tensor, torch::Tensor,
-                                  torch::Tensor, int64_t, bool);
-  torch::Tensor (*attention)(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, double, double);
-};
+// the layer kernels' addresses, for mtpdraft_qkernels.Stack (mtpdraft_layer_fns.h)
 const LayerFns kLayerFns = {sizeof(LayerFns), &rmsnorm, &add_rmsnorm, &gated_act, &qkv_rope_cache, &attention};
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

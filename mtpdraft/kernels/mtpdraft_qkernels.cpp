@@ -29,6 +29,8 @@
 #include <immintrin.h>
 #include <sys/mman.h>
 
+#include "mtpdraft_layer_fns.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -675,18 +677,6 @@ torch::Tensor huge_copy(torch::Tensor w) {
 // calls a layer (a few us each, ~10% of a one-token step). The non-linear kernels live in
 // mtpdraft_kernels, which hands their addresses over in a capsule (layer_fns).
 // ---------------------------------------------------------------------------
-struct LayerFns {  // as in mtpdraft_kernels.cpp
-  int64_t size;
-  torch::Tensor (*rmsnorm)(torch::Tensor, torch::Tensor, double, double);
-  std::vector<torch::Tensor> (*add_rmsnorm)(torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>,
-                                            c10::optional<torch::Tensor>, double, double);
-  torch::Tensor (*gated_act)(torch::Tensor, int64_t);
-  torch::Tensor (*qkv_rope_cache)(torch::Tensor, torch::Tensor, int64_t, int64_t, c10::optional<torch::Tensor>,
-                                  c10::optional<torch::Tensor>, double, double, torch::Tensor, torch::Tensor,
-                                  torch::Tensor, int64_t, bool);
-  torch::Tensor (*attention)(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, double, double);
-};
-
 struct QMat {
   std::vector<torch::Tensor> parts;
   std::vector<int64_t> types;
