@@ -79,6 +79,11 @@ def _lin(x: torch.Tensor, m: Linear) -> torch.Tensor:
     return m(x)
 
 
+def _version(t: torch.Tensor) -> int:
+    """In-place updates (an optimizer step) bump it; inference tensors (loaded to draft) have none."""
+    return -1 if t.is_inference() else t._version
+
+
 def _norm(x: torch.Tensor, m: RMSNorm) -> torch.Tensor:
     return reference_rmsnorm(x, m.weight, m.eps, m.offset) if torch.is_grad_enabled() else m(x)
 
@@ -104,8 +109,13 @@ class DraftAttention(nn.Module):
         Attention whose K/V are read (its RoPE frequencies and window apply);
         attend(q, window) -> [B, T, H, Dh]: the queries' attention over those K/V."""
         B, T, _ = x.shape
-        q = _norm(_lin(x, self.q_proj).view(B, T, self.heads, self.head_dim), self.q_norm)
-        out = attend(apply_rope(q, positions, src.inv_freq), src.window)
+        q = _lin(x, self.q_proj).view(B, T, self.heads, self.head_dim)
+        n = self.q_norm
+        if torch.is_grad_enabled():
+            q = apply_rope(_norm(q, n), positions, src.inv_freq)
+        else:  # drafting: norm and RoPE in one native call
+            q = kernels.norm_rope(q, positions, n.weight, n.eps, n.offset, src.inv_freq)
+        out = attend(q, src.window)
         return _lin(out.reshape(B, T, -1), self.o_proj)
 
 
@@ -124,11 +134,28 @@ class DraftLayer(nn.Module):
 
     def forward(self, x, positions, src, attend):
         a = self.self_attn(_norm(x, self.input_layernorm), positions, src, attend)
-        x = x + _norm(a, self.post_attention_layernorm)
-        h = _norm(x, self.pre_feedforward_layernorm)
-        mlp = self.mlp
-        m = _lin(F.gelu(_lin(h, mlp.gate_proj), approximate="tanh") * _lin(h, mlp.up_proj), mlp.down_proj)
-        return x + _norm(m, self.post_feedforward_layernorm)
+        mlp, post, pre, post_ff = (self.mlp, self.post_attention_layernorm, self.pre_feedforward_layernorm,
+                                   self.post_feedforward_layernorm)
+        if torch.is_grad_enabled():  # training: differentiable torch ops
+            x = x + _norm(a, post)
+            h = _norm(x, pre)
+            m = _lin(F.gelu(_lin(h, mlp.gate_proj), approximate="tanh") * _lin(h, mlp.up_proj), mlp.down_proj)
+            return x + _norm(m, post_ff)
+        # drafting: the same arithmetic in fewer native calls (residual + norms fused, gate|up one matrix)
+        x, h = kernels.add_rmsnorm(x, a, post.weight, pre.weight, post.eps, post.offset)
+        m = _lin(kernels.gated_act(linear(h, self._gate_up()), "gelu_tanh"), mlp.down_proj)
+        return kernels.add_rmsnorm(x, m, post_ff.weight, None, post_ff.eps, post_ff.offset)[0]
+
+    def _gate_up(self) -> torch.Tensor:
+        """[gate; up] as one weight for drafting, rebuilt whenever training has changed either."""
+        g, u = self.mlp.gate_proj.weight, self.mlp.up_proj.weight
+        key = (g.data_ptr(), _version(g), u.data_ptr(), _version(u))
+        cached = self.__dict__.get("_fused")
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor: packing keys on its version
+                fused = torch.cat([g, u])
+            cached = self.__dict__["_fused"] = (key, kernels.pack(fused))
+        return cached[1]
 
 
 class MTPDrafter(nn.Module):

@@ -395,6 +395,24 @@ def qkv_rope_cache(qkv, positions, heads: int, kv_heads: int, q_norm, k_norm, ep
                                     k_cache, v_cache, kv_mode, v_norm)
 
 
+_no_cache: dict = {}  # (B, D) -> a stand-in cache for norm_rope (kv_mode 2 writes nothing)
+
+
+def norm_rope(q: torch.Tensor, positions: torch.Tensor, norm_w: torch.Tensor, eps: float, offset: float,
+              inv_freq: torch.Tensor) -> torch.Tensor:
+    """Per-head RMSNorm, then rotate-half RoPE, of queries q [B, N, H, D] (fp32): one native call
+    (qkv_rope_cache with nothing cached) instead of ~15 torch ops."""
+    B, N, H, D = q.shape
+    mod = _native if _native is not None else _load()
+    if mod and q.dtype == torch.float32 and q.is_cpu:
+        stand_in = _no_cache.get((B, D))
+        if stand_in is None:
+            stand_in = _no_cache[B, D] = torch.empty(B, 1, 1, D)
+        return mod.qkv_rope_cache(q.reshape(B, N, H * D), positions, H, 1, norm_w, None, eps, offset, inv_freq,
+                                  stand_in, stand_in, 2, False)
+    return apply_rope(reference_rmsnorm(q, norm_w, eps, offset), positions, inv_freq)
+
+
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     """cap * tanh(x / cap) (in place where native): each element's bits are independent
     of the row count and thread count by construction (torch.tanh chunks by element
