@@ -283,14 +283,20 @@ class MTPDrafter(nn.Module):
         c = self.config
         top = self.masked_embedding.centroids(y).topk(c.centroid_intermediate_top_k, dim=-1).indices  # [B, k_c]
         clusters = self.masked_embedding.token_ordering.view(c.num_centroids, -1)
-        ids = clusters[top].flatten(1)  # [B, k_c * V/C]
+        ids = clusters.index_select(0, top.reshape(-1)).view(top.shape[0], -1)  # [B, k_c * V/C]
         ordered = self._ordered_table(table) if y.shape[0] == 1 else None
         if ordered is not None:  # the selected clusters' panels of a cluster-ordered quantized copy
-            per = ordered.parts[0].shape[0] // c.num_centroids
-            parts = [ordered.parts[0][i * per:(i + 1) * per] for i in top[0].tolist()]
-            return ids, kernels.qlinear(y, kernels.QWeight(parts, ordered.types * len(parts), y.shape[-1])), h_next
+            panels = self._cluster_panels(ordered)
+            return ids, kernels.qlinear_parts(y, [panels[i] for i in top[0].tolist()], ordered.types[0]), h_next
         logits = torch.einsum("bd,bmd->bm", y, kernels.take_rows(table, ids))
         return ids, logits, h_next
+
+    def _cluster_panels(self, ordered: "kernels.QWeight") -> list[torch.Tensor]:
+        """The cluster-ordered table's panels cluster by cluster (views, made once)."""
+        cached = self.__dict__.get("_panels")
+        if cached is None or cached[0] is not ordered:
+            cached = self.__dict__["_panels"] = (ordered, list(ordered.parts[0].chunk(self.config.num_centroids)))
+        return cached[1]
 
     def _ordered_table(self, table) -> "kernels.QWeight | None":
         """A quantized output table's rows in cluster order (built once, kept).

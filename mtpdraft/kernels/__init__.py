@@ -601,6 +601,17 @@ def qlinear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     return F.linear(x.float(), w.dequantize())
 
 
+def qlinear_parts(x: torch.Tensor, parts: list[torch.Tensor], qtype: str) -> torch.Tensor:
+    """qlinear over panel blocks of one type taken as they are (a drafter's selected clusters,
+    each a slice of a checked QWeight): no per-call QWeight."""
+    mod = _qload()
+    if mod and x.is_cpu:
+        from .quant import QTYPES
+
+        return mod.qlinear(x if x.dtype == torch.float32 else x.float(), parts, [QTYPES[qtype]] * len(parts))
+    return qlinear(x, QWeight(parts, [qtype] * len(parts), x.shape[-1]))
+
+
 def take_rows(w: "torch.Tensor | QWeight", ids: torch.Tensor) -> torch.Tensor:
     """Rows of a weight (dense or quantized) in fp32: an embedding lookup."""
     if isinstance(w, QWeight):
