@@ -286,20 +286,13 @@ class MTPDrafter(nn.Module):
         ids = clusters.index_select(0, top.reshape(-1)).view(top.shape[0], -1)  # [B, k_c * V/C]
         ordered = self._ordered_table(table) if y.shape[0] == 1 else None
         if ordered is not None:  # the selected clusters' panels of a cluster-ordered quantized copy
-            panels = self._cluster_panels(ordered)
-            return ids, kernels.qlinear_parts(y, [panels[i] for i in top[0].tolist()], ordered.types[0]), h_next
+            parts = [ordered.parts[i] for i in top[0].tolist()]
+            return ids, kernels.qlinear_parts(y, parts, ordered.types[0]), h_next
         logits = torch.einsum("bd,bmd->bm", y, kernels.take_rows(table, ids))
         return ids, logits, h_next
 
-    def _cluster_panels(self, ordered: "kernels.QWeight") -> list[torch.Tensor]:
-        """The cluster-ordered table's panels cluster by cluster (views, made once)."""
-        cached = self.__dict__.get("_panels")
-        if cached is None or cached[0] is not ordered:
-            cached = self.__dict__["_panels"] = (ordered, list(ordered.parts[0].chunk(self.config.num_centroids)))
-        return cached[1]
-
     def _ordered_table(self, table) -> "kernels.QWeight | None":
-        """A quantized output table's rows in cluster order (built once, kept).
+        """A quantized output table's rows in cluster order (built once, kept), one part a cluster.
 
         A quantized table stores 16 rows per panel, so gathering a cluster's scattered
         rows touches a cache line per 4 bytes of a row; in cluster order the candidates
@@ -312,7 +305,8 @@ class MTPDrafter(nn.Module):
         if cached is None or cached[0] is not table:
             panels, qtype = permute_rows(table.parts[0].numpy(), table.types[0], table.shape[1],
                                          self.masked_embedding.token_ordering.numpy())
-            cached = (table, kernels.QWeight([torch.from_numpy(panels)], [qtype], table.shape[1]))
+            clusters = list(torch.from_numpy(panels).chunk(c.num_centroids))  # views of one buffer
+            cached = (table, kernels.QWeight(clusters, [qtype] * c.num_centroids, table.shape[1]))
             object.__setattr__(self, "_ordered", cached)
         return cached[1]
 

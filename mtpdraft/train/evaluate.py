@@ -59,6 +59,8 @@ def evaluate(model: CausalLM, tokenizer, prompts: list[list[int]], drafters: dic
     t0 = time.perf_counter()
     bar = tqdm(total=len(prompts), desc="eval", disable=not progress, dynamic_ncols=True)
     for pi, ids in enumerate(prompts):
+        if temperature > 0:  # every configuration samples with the prompt's seed
+            sp = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, ignore_eos=False, seed=pi)
         outs = {}
         order = names[pi % len(names):] + names[:pi % len(names)]  # rotate: no config always runs first
         for n in order:
@@ -66,8 +68,6 @@ def evaluate(model: CausalLM, tokenizer, prompts: list[list[int]], drafters: dic
                 continue
             d = drafters[n]()
             st = Stats()
-            if temperature > 0:
-                sp = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, ignore_eos=False, seed=pi)
             from ..decoding.stops import StopChecker
 
             stopper = StopChecker(sp, eos, tokenizer)
