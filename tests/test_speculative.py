@@ -197,6 +197,62 @@ def test_mtp_drafts_are_sampled_from_their_own_distribution(tiny_dirs, clustered
     assert 0.5 * float((counts / n - d.probs[0]).abs().sum()) < 0.1
 
 
+@pytest.mark.parametrize("fam", ["gemma3_text", "llama"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "q8_0"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_native_drafting_step_is_the_python_step_bit_for_bit(tiny_dirs, tmp_path, monkeypatch, fam, dtype, tie):
+    """MTPDrafter.native_step (the whole step in one native call) returns the same ids, logits
+    and h' bits as step() over chained steps, proposes the same greedy drafts (gate included),
+    and is rebuilt when a weight changes in place (training)."""
+    import mtpdraft.registry
+
+    monkeypatch.setattr(mtpdraft.registry, "cache_root", lambda: tmp_path / "cache")  # q8_0 cache
+    model, tok = mtpdraft.load(str(tiny_dirs[fam]), dtype)
+    cfg = MTPConfig.for_target(model, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                               layer_types=["sliding_attention", "full_attention"], num_centroids=16,
+                               centroid_intermediate_top_k=4, tie_output_to_target=tie)
+    d = MTPDrafter.random(cfg, seed=1, std=0.3).to_dtype(model.dtype)
+    native = d.native_step(model)
+    assert native is not None
+    prompt = list(range(5, 45))
+    cache = model.new_cache(1, 64)
+    hidden = model.prefill(torch.tensor([prompt]), cache).hidden[0, -1]
+    srcs = d.sources(model, cache)
+    kv = [lc.k for _, lc in srcs], [lc.v for _, lc in srcs]
+    positions = torch.tensor([[len(prompt) - 1]])
+    with torch.inference_mode():
+        t, h = 7, hidden[None].float()
+        for _ in range(5):
+            want = d.step(model, torch.tensor([t]), h, positions, srcs)
+            got = native.step(t, h, positions, *kv)
+            assert all(torch.equal(a, b) for a, b in zip(want, got))
+            t, h = int(want[0][0, int(want[1][0].argmax())]), want[2]
+
+    ctx = DraftContext(prompt + [7], hidden, model, cache)
+    for gate in (0.0, 0.05, 0.3):
+        src = MTPDraftSource(d, min_confidence=gate)
+        drafted = src.propose(ctx, 6).tokens
+        monkeypatch.setattr(d, "native_step", lambda target: None)  # the Python step
+        assert src.propose(ctx, 6).tokens == drafted
+        monkeypatch.undo()
+    with torch.no_grad():  # an optimizer step changes a weight in place: the native step follows
+        d.pre_projection.weight.mul_(-1)
+    assert d.native_step(model) is not native
+    with torch.inference_mode():
+        want = d.step(model, torch.tensor([7]), hidden[None].float(), positions, srcs)
+        assert all(torch.equal(a, b) for a, b in zip(want, d.native_step(model).step(7, hidden[None].float(),
+                                                                                       positions, *kv)))
+
+
+def test_native_drafting_step_only_where_it_is_the_same_step(tiny_dirs):
+    """Subclasses with their own layers (the Gemma 4 assistant) and dense heads keep step()."""
+    model, _ = model_and_tok(tiny_dirs, "gemma3_text")
+    assert random_mtp(model, 0, clustered=False).drafter.native_step(model) is None
+    assert random_mtp(model, 0, clustered=True).drafter.native_step(model) is not None
+    g4, _ = model_and_tok(tiny_dirs, "gemma4_text")
+    assert random_mtp(g4, 0, clustered=True).drafter.native_step(g4) is None
+
+
 def test_make_drafter_specs(tiny_dirs, tmp_path):
     from mtpdraft.drafters import make_drafter
     from mtpdraft.drafters.combined import CombinedDrafter

@@ -291,6 +291,46 @@ class MTPDrafter(nn.Module):
         logits = torch.einsum("bd,bmd->bm", y, kernels.take_rows(table, ids))
         return ids, logits, h_next
 
+    def native_step(self, target: CausalLM):
+        """step() as one native call (kernels.draft_step: the same kernel calls, so the same
+        bits), built for `target` once and again whenever a weight changes (training); None
+        where step() runs in Python (a subclass's layers, a dense head, no native kernels)."""
+        key = tuple((t.data_ptr(), _version(t)) for t in (*self.parameters(), *self.buffers()))
+        cached = self.__dict__.get("_native")
+        if cached is None or cached[0] is not target or cached[1] != key:
+            cached = self.__dict__["_native"] = (target, key, self._build_native(target))
+        return cached[2]
+
+    def _build_native(self, target: CausalLM):
+        c = self.config
+        if type(self) is not MTPDrafter or not c.use_ordered_embeddings or \
+                any(p.device.type != "cpu" for p in self.parameters()):
+            return None
+        table = self.output_table(target)
+        head = self._ordered_table(table)
+        if head is None and isinstance(table, kernels.QWeight):  # step() gathers its rows in Python
+            return None
+        layers = []
+        for layer, src in zip(self.model.layers, self.source_attentions(target)):
+            at, mlp = layer.self_attn, layer.mlp
+            post, pre, post_ff = layer.post_attention_layernorm, layer.pre_feedforward_layernorm, \
+                layer.post_feedforward_layernorm
+            layers.append(dict(
+                q=kernels.pack(at.q_proj.weight), o=kernels.pack(at.o_proj.weight), gate_up=layer._gate_up(),
+                down=kernels.pack(mlp.down_proj.weight), in_norm=layer.input_layernorm.weight,
+                in_eps=layer.input_layernorm.eps, in_offset=layer.input_layernorm.offset, q_norm=at.q_norm.weight,
+                q_eps=at.q_norm.eps, q_offset=at.q_norm.offset, post_attn=post.weight, pre_mlp=pre.weight,
+                res_eps=post.eps, res_offset=post.offset, post_mlp=post_ff.weight, mlp_eps=post_ff.eps,
+                mlp_offset=post_ff.offset, inv_freq=src.inv_freq, scale=float(src.scale), heads=at.heads,
+                head_dim=at.head_dim, window=int(src.window)))
+        embed = target._qembed if target._qembed is not None else target.model.embed_tokens.weight
+        return kernels.draft_step(
+            embed, target.embed_scale, kernels.pack(self.pre_projection.weight),
+            kernels.pack(self.post_projection.weight), kernels.pack(self.masked_embedding.centroids.weight),
+            self.model.norm.weight, self.model.norm.eps, self.model.norm.offset, c.tie_output_to_target,
+            self.masked_embedding.token_ordering.view(c.num_centroids, -1), c.centroid_intermediate_top_k,
+            head if head is not None else table, layers)
+
     def _ordered_table(self, table) -> "kernels.QWeight | None":
         """A quantized output table's rows in cluster order (built once, kept), one part a cluster.
 
@@ -325,14 +365,23 @@ class MTPDraftSource:
         # every step sits at the last verified token's position and reads the target's cache up to it
         positions = torch.tensor([[cache.lengths[row] - 1]])
         srcs = self.drafter.sources(ctx.target, cache)
-        tok = torch.tensor([ctx.tokens[-1]])
         h = ctx.hidden[None]
         sp = ctx.sampling
         sampled = sp is not None and not sp.greedy
+        native = self.drafter.native_step(ctx.target)
+        if native is not None:
+            kv = [lc.k for _, lc in srcs], [lc.v for _, lc in srcs]
+            h = h.float()
+            if not sampled:  # the whole greedy draft in one call
+                return Draft(native.greedy(ctx.tokens[-1], h, positions, k, self.min_confidence, *kv))
+            step = lambda tok, h: native.step(int(tok), h, positions, *kv)  # noqa: E731
+        else:
+            step = lambda tok, h: self.drafter.step(ctx.target, tok, h, positions, srcs)  # noqa: E731
+        tok = torch.tensor([ctx.tokens[-1]])
         out: list[int] = []
         qs: list[torch.Tensor] = []
         for i in range(k):
-            ids, logits, h = self.drafter.step(ctx.target, tok, h, positions, srcs)
+            ids, logits, h = step(tok, h)
             if sampled:  # draw from the drafter's own distribution at the request's settings
                 q = target_probs(logits[0], sp)
                 j = sample(q, ctx.generator)

@@ -592,6 +592,45 @@ def layer_stack(layers: "list[dict]"):
     return stack
 
 
+def draft_step(embed, embed_scale: float, pre, post, centroids, final_norm, final_eps: float, final_offset: float,
+               tie: bool, clusters: torch.Tensor, top_k: int, head, layers: "list[dict]"):
+    """An MTP drafting step as one native call (mtpdraft_qkernels.DraftStep): the same kernel
+    calls as MTPDrafter.step, so the same bits. Weights: dense ones as `linear` takes them
+    (Tensor or Packed); embed: a one-part QWeight or a dense table; head: the cluster-ordered
+    QWeight (one part a cluster) or a dense output table; each layer's dict holds its
+    DraftStepLayer arguments with q, o, gate_up, down as weights. None when either kernel
+    module is unavailable or a weight is of a kind it does not take."""
+    mod, main = _qload(), _load()
+    if not mod or not main:
+        return None
+
+    def dense(w):
+        if isinstance(w, Packed) and w.fresh:
+            return mod.DLin(w.data, w.shape[0], True)
+        w = w.source if isinstance(w, Packed) else w
+        if not isinstance(w, torch.Tensor) or w.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        return mod.DLin(w, w.shape[0], False)
+
+    def quant(w):  # (panel blocks, type id), or a dense table as (one tensor, -1)
+        if isinstance(w, QWeight):
+            return list(w.parts), w._ids[0] if len(set(w._ids)) == 1 else None
+        return [w], -1
+
+    lins = [dense(w) for w in (pre, post, centroids)]
+    (emb_parts, emb_type), (head_parts, head_type) = quant(embed), quant(head)
+    if None in lins or emb_type is None or head_type is None or len(emb_parts) != 1:
+        return None
+    step = mod.DraftStep(main.layer_fns(), emb_parts[0], emb_type, float(embed_scale), *lins, final_norm,
+                         float(final_eps), float(final_offset), bool(tie), clusters, int(top_k), head_parts, head_type)
+    for kw in layers:
+        ws = {n: dense(kw[n]) for n in ("q", "o", "gate_up", "down")}
+        if None in ws.values():
+            return None
+        step.add(mod.DraftStepLayer(**{**kw, **ws}))
+    return step
+
+
 def qlinear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     """y = x @ w.T for a quantized weight: x [..., K] fp32 -> [..., O] fp32, activations
     quantized per row in blocks of 32; each row bit-identical however many share the call."""

@@ -1070,8 +1070,9 @@ void set_tuning(int64_t pf_rows, int64_t ob, int64_t pf_bytes, int64_t pf_blocks
   g_pf_bytes = pf_bytes;
 }
 
-// the layer kernels' addresses, for mtpdraft_qkernels.Stack (mtpdraft_layer_fns.h)
-const LayerFns kLayerFns = {sizeof(LayerFns), &rmsnorm, &add_rmsnorm, &gated_act, &qkv_rope_cache, &attention};
+// the layer kernels' addresses, for mtpdraft_qkernels.Stack and DraftStep (mtpdraft_layer_fns.h)
+const LayerFns kLayerFns = {sizeof(LayerFns), &rmsnorm,   &add_rmsnorm, &gated_act, &qkv_rope_cache,
+                            &attention,       &linear,    &linear_packed};
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_fns", [] { return py::capsule(static_cast<const void*>(&kLayerFns), "mtpdraft.layer_fns"); },

@@ -1,5 +1,5 @@
 // The kernels a decoder layer calls: mtpdraft_kernels hands their addresses to
-// mtpdraft_qkernels' one-call layer stack in a capsule (layer_fns). Both builds include this
+// mtpdraft_qkernels' one-call layer stack and drafting step in a capsule (layer_fns). Both builds include this
 // header (its bytes are part of their cache keys); `size` guards against mixing builds.
 #pragma once
 #include <torch/extension.h>
@@ -14,4 +14,6 @@ struct LayerFns {
                                   c10::optional<torch::Tensor>, double, double, torch::Tensor, torch::Tensor,
                                   torch::Tensor, int64_t, bool);
   torch::Tensor (*attention)(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, double, double);
+  torch::Tensor (*linear)(torch::Tensor, torch::Tensor);                  // dense fp32/bf16 weights
+  torch::Tensor (*linear_packed)(torch::Tensor, torch::Tensor, int64_t);  // pack_weight's layout, O rows
 };

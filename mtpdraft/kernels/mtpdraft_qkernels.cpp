@@ -737,6 +737,136 @@ class Stack {
   std::vector<StackLayer> layers_;
 };
 
+// ---------------------------------------------------------------------------
+// One MTP drafting step in one call (drafters/mtp.py, MTPDrafter.step with its DraftLayers):
+// the same kernel and ATen calls as the Python step, in the same order with the same
+// arguments, so the same bits; what goes is ~60 Python-level calls a step (~40% of it).
+// ---------------------------------------------------------------------------
+// A dense weight as kernels.linear takes it: packed (one-row calls) or row-major.
+struct DLin {
+  torch::Tensor w;
+  int64_t out = 0;
+  bool packed = false;
+};
+
+struct DraftStepLayer {
+  DLin q, o, gate_up, down;
+  torch::Tensor in_norm, q_norm, post_attn, pre_mlp, post_mlp, inv_freq;
+  double in_eps, in_offset, q_eps, q_offset, res_eps, res_offset, mlp_eps, mlp_offset, scale;
+  int64_t heads, head_dim, window;
+};
+
+class DraftStep {
+ public:
+  // embed: the target's input table (quantized part of type embed_type >= 0, or dense with
+  // embed_type -1), times embed_scale; tie: the head reads h' (else x); clusters [C, V/C]
+  // token ids; the head: parts (one quantized panel block a cluster, of head_type) or a dense
+  // table (head_type -1, parts = {table}).
+  DraftStep(py::capsule fns, torch::Tensor embed, int64_t embed_type, double embed_scale, DLin pre, DLin post,
+            DLin centroids, torch::Tensor final_norm, double final_eps, double final_offset, bool tie,
+            torch::Tensor clusters, int64_t top_k, std::vector<torch::Tensor> head_parts, int64_t head_type)
+      : embed_(embed), embed_type_(embed_type), embed_scale_(embed_scale), pre_(pre), post_(post),
+        centroids_(centroids), final_norm_(final_norm), final_eps_(final_eps), final_offset_(final_offset),
+        tie_(tie), clusters_(clusters), top_k_(top_k), head_parts_(std::move(head_parts)), head_type_(head_type) {
+    TORCH_CHECK(std::string(fns.name()) == "mtpdraft.layer_fns", "DraftStep: not a mtpdraft.layer_fns capsule");
+    fns_ = static_cast<const LayerFns*>(fns.get_pointer());
+    TORCH_CHECK(fns_->size == static_cast<int64_t>(sizeof(LayerFns)), "DraftStep: mtpdraft_kernels build does not match");
+    TORCH_CHECK(clusters_.dim() == 2 && clusters_.scalar_type() == at::kLong, "DraftStep: clusters must be [C, V/C] int64");
+    TORCH_CHECK(static_cast<int64_t>(head_parts_.size()) == (head_type_ >= 0 ? clusters_.size(0) : 1),
+                "DraftStep: one head part per cluster (quantized) or one dense table");
+  }
+
+  void add(DraftStepLayer l) { layers_.push_back(std::move(l)); }
+
+  // tok: the step's input token; h [1, D] fp32; positions [1, 1]; per drafter layer the
+  // target cache's k and v it reads -> (candidate ids [1, M], logits [1, M], h' [1, D])
+  std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> step(int64_t tok, torch::Tensor h, torch::Tensor positions,
+                                                               const std::vector<torch::Tensor>& k,
+                                                               const std::vector<torch::Tensor>& v) const {
+    TORCH_CHECK(k.size() == layers_.size() && v.size() == layers_.size(), "DraftStep: one k and v cache per layer");
+    TORCH_CHECK(h.dim() == 2 && h.size(0) == 1 && h.scalar_type() == at::kFloat, "DraftStep: h must be [1, D] float32");
+    const LayerFns& f = *fns_;
+    auto ids1 = torch::full({1}, tok, torch::dtype(torch::kLong));
+    torch::Tensor e;  // target.embed: kernels.take_rows, then the family's scale
+    if (embed_type_ >= 0) {
+      const int64_t O = embed_.size(0) * 16;
+      TORCH_CHECK(tok >= 0 && tok < O, "DraftStep: token ", tok, " out of range [0, ", O, ")");
+      e = qrows(embed_, embed_type_, h.size(1), ids1).reshape({1, 1, h.size(1)});
+    } else {
+      e = at::embedding(embed_, ids1.view({1, 1})).to(at::kFloat);
+    }
+    if (embed_scale_ != 1.0) e = e * embed_scale_;
+    torch::Tensor x = lin(at::cat({e, h.unsqueeze(1)}, -1), pre_);
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const DraftStepLayer& l = layers_[i];
+      torch::Tensor a = f.rmsnorm(x, l.in_norm, l.in_eps, l.in_offset);
+      torch::Tensor q = lin(a, l.q).view({1, 1, l.heads, l.head_dim});
+      auto stand_in = torch::empty({1, 1, 1, l.head_dim}, torch::dtype(torch::kFloat));  // kv_mode 2 writes nothing
+      q = f.qkv_rope_cache(q.reshape({1, 1, l.heads * l.head_dim}), positions, l.heads, 1, l.q_norm, c10::nullopt,
+                           l.q_eps, l.q_offset, l.inv_freq, stand_in, stand_in, 2, false);
+      torch::Tensor kc = k[i], vc = v[i];
+      if (kc.scalar_type() != at::kFloat && kc.scalar_type() != at::kBFloat16) kc = kc.to(at::kFloat);
+      if (vc.scalar_type() != kc.scalar_type()) vc = vc.to(kc.scalar_type());
+      torch::Tensor att = f.attention(q, kc, vc, positions, l.window, l.scale, 0.0);
+      a = lin(att.reshape({1, 1, -1}), l.o);
+      std::vector<torch::Tensor> r = f.add_rmsnorm(x, a, l.post_attn, l.pre_mlp, l.res_eps, l.res_offset);
+      torch::Tensor m = lin(f.gated_act(lin(r[1], l.gate_up), 0), l.down);
+      x = f.add_rmsnorm(r[0], m, l.post_mlp, c10::nullopt, l.mlp_eps, l.mlp_offset)[0];
+    }
+    x = f.rmsnorm(x, final_norm_, final_eps_, final_offset_);
+    torch::Tensor h_next = lin(x, post_).select(1, 0);  // [1, D]
+    torch::Tensor y = tie_ ? h_next : x.select(1, 0);
+    torch::Tensor top = std::get<1>(at::topk(lin(y, centroids_), top_k_, -1));  // [1, k_c]
+    torch::Tensor ids = clusters_.index_select(0, top.reshape({-1})).view({1, -1});
+    torch::Tensor logits;
+    if (head_type_ >= 0) {
+      std::vector<torch::Tensor> parts;
+      const int64_t* tp = top.data_ptr<int64_t>();
+      for (int64_t j = 0; j < top.numel(); ++j) parts.push_back(head_parts_[tp[j]]);
+      logits = qlinear(y, parts, std::vector<int64_t>(parts.size(), head_type_));
+    } else {
+      logits = at::einsum("bd,bmd->bm", {y, at::embedding(head_parts_[0], ids).to(at::kFloat)});
+    }
+    return {ids, logits, h_next};
+  }
+
+  // n greedy steps: each the argmax of its candidates; after the first, stop at a candidate
+  // whose softmax probability is below min_conf (MTPDraftSource.propose, greedy)
+  std::vector<int64_t> greedy(int64_t tok, torch::Tensor h, torch::Tensor positions, int64_t n, double min_conf,
+                              const std::vector<torch::Tensor>& k, const std::vector<torch::Tensor>& v) const {
+    std::vector<int64_t> out;
+    for (int64_t i = 0; i < n; ++i) {
+      auto [ids, logits, h_next] = step(tok, h, positions, k, v);
+      torch::Tensor row = logits.select(0, 0);
+      const int64_t j = at::argmax(row).item<int64_t>();
+      if (i > 0 && min_conf > 0 && static_cast<double>(at::softmax(row, -1)[j].item<float>()) < min_conf) break;
+      tok = ids[0][j].item<int64_t>();
+      out.push_back(tok);
+      h = h_next;
+    }
+    return out;
+  }
+
+ private:
+  torch::Tensor lin(const torch::Tensor& x, const DLin& l) const {
+    return l.packed ? fns_->linear_packed(x, l.w, l.out) : fns_->linear(x, l.w);
+  }
+
+  const LayerFns* fns_;
+  torch::Tensor embed_;
+  int64_t embed_type_;
+  double embed_scale_;
+  DLin pre_, post_, centroids_;
+  torch::Tensor final_norm_;
+  double final_eps_, final_offset_;
+  bool tie_;
+  torch::Tensor clusters_;
+  int64_t top_k_;
+  std::vector<torch::Tensor> head_parts_;
+  int64_t head_type_;
+  std::vector<DraftStepLayer> layers_;
+};
+
 std::string isa() { return MTP_AVX512 ? "avx512-vnni" : "avx2"; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -769,5 +899,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add", &Stack::add)
       .def("__len__", &Stack::size)
       .def("forward", &Stack::forward, "x after every layer (the blocks' own kernel calls, in order)");
+  py::class_<DLin>(m, "DLin", py::module_local())
+      .def(py::init([](torch::Tensor w, int64_t out, bool packed) { return DLin{w, out, packed}; }));
+  py::class_<DraftStepLayer>(m, "DraftStepLayer", py::module_local())
+      .def(py::init([](py::kwargs kw) {
+        DraftStepLayer l;
+        auto t = [&](const char* k) { return kw[k].cast<torch::Tensor>(); };
+        auto w = [&](const char* k) { return kw[k].cast<DLin>(); };
+        auto d = [&](const char* k) { return kw[k].cast<double>(); };
+        auto i = [&](const char* k) { return kw[k].cast<int64_t>(); };
+        l.q = w("q"), l.o = w("o"), l.gate_up = w("gate_up"), l.down = w("down");
+        l.in_norm = t("in_norm"), l.q_norm = t("q_norm"), l.post_attn = t("post_attn"), l.pre_mlp = t("pre_mlp");
+        l.post_mlp = t("post_mlp"), l.inv_freq = t("inv_freq");
+        l.in_eps = d("in_eps"), l.in_offset = d("in_offset"), l.q_eps = d("q_eps"), l.q_offset = d("q_offset");
+        l.res_eps = d("res_eps"), l.res_offset = d("res_offset"), l.mlp_eps = d("mlp_eps");
+        l.mlp_offset = d("mlp_offset"), l.scale = d("scale");
+        l.heads = i("heads"), l.head_dim = i("head_dim"), l.window = i("window");
+        return l;
+      }));
+  py::class_<DraftStep>(m, "DraftStep", py::module_local())
+      .def(py::init<py::capsule, torch::Tensor, int64_t, double, DLin, DLin, DLin, torch::Tensor, double, double, bool,
+                    torch::Tensor, int64_t, std::vector<torch::Tensor>, int64_t>())
+      .def("add", &DraftStep::add)
+      .def("step", &DraftStep::step, "one drafting step: (candidate ids, logits, h')")
+      .def("greedy", &DraftStep::greedy, "up to n greedy drafting steps: the drafted tokens");
   m.def("isa", &isa, "instruction set this build uses");
 }
