@@ -1,6 +1,7 @@
 """Compare drafters (e.g. a new training run's against the shipped one) on prompts none of
 them was trained, validated or evaluated on, in one run with the configurations rotated
-per prompt: plain, prompt lookup, each drafter alone and each + prompt lookup (gate 0.6).
+per prompt: plain, prompt lookup, each drafter alone and each + prompt lookup (gate 0.6), and with
+`--fallback 1,2` prompt lookup on any n-gram match, else an MTP draft of at most that many tokens.
 
 The default prompts (benchmarks/heldout_prompts.jsonl) share no passage with the training
 or bench prompts (tests/test_train.py asserts it); they were written after the drafters
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--draft-len", type=int, default=6)
     ap.add_argument("--gate", default="0.6", help="confidence gate(s) of the combined configurations, comma-separated")
+    ap.add_argument("--fallback", default="", help="MTP draft caps of the fallback configurations, comma-separated")
     ap.add_argument("--json", default=None, help="write the results here")
     a = ap.parse_args()
     model, tok = load(a.model, a.dtype)
@@ -59,6 +61,8 @@ def main() -> None:
         for gate in (float(g) for g in a.gate.split(",")):
             gated = MTPDraftSource(src.drafter, min_confidence=gate)
             confs[f"{d} + ngram@{gate}"] = lambda g=gated: CombinedDrafter(g, min_match=2)
+        for n in (int(x) for x in a.fallback.split(",") if x):
+            confs[f"{d} fallback:{n}"] = lambda src=src, n=n: CombinedDrafter(src, min_match=1, mtp_len=n)
     res = evaluate(model, tok, prompts, confs, a.max_new_tokens, a.draft_len, temperature=a.temperature)
     print(f"{len(prompts)} prompts ({a.prompts}), {model.weights_format}, k={a.draft_len}, "
           f"{a.max_new_tokens} new tokens, temperature {a.temperature}")

@@ -138,7 +138,7 @@ def _tau(model, prompts, drafter_factory, n=32):
     return st.mean_accepted_tokens, outs
 
 
-def test_train_quick_end_to_end(tiny, tmp_path, one_thread):
+def test_train_quick_end_to_end(tiny, tmp_path, one_thread, monkeypatch):
     from mtpdraft.cli import main
 
     path, model, tok = tiny
@@ -157,7 +157,7 @@ def test_train_quick_end_to_end(tiny, tmp_path, one_thread):
     from mtpdraft.train.train import chosen_variant
 
     assert set(ev["configs"]) == {"plain", "mtp", "ngram", chosen_variant(sel)}
-    assert {"mtp", "ngram", "combined", "mtp_untrained"} <= set(sel["configs"])
+    assert {"mtp", "ngram", "combined", "fallback:1", "mtp_untrained"} <= set(sel["configs"])
     for res in (sel, ev):
         for name, r in res["configs"].items():
             if name != "plain":
@@ -200,6 +200,16 @@ def test_train_quick_end_to_end(tiny, tmp_path, one_thread):
     assert decide({"ngram": 5.0, "combined": 6.0, "mtp": 9.0}, "alone")
     assert json.loads((tmp_path / "alone" / "auto.json").read_text())["drafter"] == "mtp"
     assert isinstance(make_drafter(str(tmp_path / "alone"), model), type(trained))
+    assert decide({"ngram": 5.0, "combined": 6.0, "mtp": 7.0, "fallback:1": 8.0}, "fallback")
+    auto = json.loads((tmp_path / "fallback" / "auto.json").read_text())
+    assert (auto["drafter"], auto["min_match"], auto["mtp_len"]) == ("combined", 1, 1)
+    import mtpdraft.drafters as D
+
+    monkeypatch.setattr(D, "shipped_drafter_dir", lambda name: tmp_path / "fallback")
+    fb = make_drafter("auto", model, "tiny")
+    fb = getattr(fb, "greedy", fb)  # a sampled variant of its own may wrap it
+    assert isinstance(fb, CombinedDrafter) and (fb.min_match, fb.mtp_len) == (1, 1)
+    monkeypatch.undo()
     # sampled requests: their own choice, made on the validation prompts at the set temperature
     sel_t, ev_t = (json.loads((out / f).read_text()) for f in ("select_sampled.json", "eval_sampled.json"))
     assert sel_t["temperature"] == ev_t["temperature"] == cfg.sampled_temperature > 0
@@ -276,6 +286,22 @@ def test_combined_drafter_is_lossless(tiny, one_thread):
     assert d.tokens == [7, 8, 5] and comb.last == "ngram"
     ng = NgramDrafter()
     assert ng.propose(DraftContext(toks, out.hidden[0, -1], model, cache), 3).tokens == [7, 8, 5]
+    # mtp_len caps the MTP draft only: a lookup draft keeps its length
+    short = CombinedDrafter(mtp, min_match=1, mtp_len=1)
+    assert short.propose(DraftContext(toks, out.hidden[0, -1], model, cache), 3).tokens == [7, 8, 5]
+    fresh = [9, 10, 11]
+    out = model(torch.tensor([fresh[:-1]]), model.new_cache(1, 64, 64), logits="none")
+    ctx = DraftContext(fresh, out.hidden[0, -1], model, cache)
+    assert len(short.propose(ctx, 3).tokens) == 1 and short.last == "mtp"
+    assert len(CombinedDrafter(mtp, min_match=1).propose(ctx, 3).tokens) == 3
+    for text in ["abcabcabcabc", "hello world"]:
+        ids = tok(text).input_ids
+        sp = SamplingParams(max_new_tokens=40)
+        got = list(generate(model, ids, sp, drafter=CombinedDrafter(mtp, min_match=1, mtp_len=2),
+                            spec=SpecParams(draft_len=4)))
+        assert got == list(generate(model, ids, sp))
+    with pytest.raises(ValueError, match="mtp_len"):
+        CombinedDrafter(mtp, mtp_len=0)
 
 
 def test_batched_data_generation_equals_plain_greedy(tiny, one_thread):

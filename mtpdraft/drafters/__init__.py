@@ -56,14 +56,18 @@ def make_drafter(spec: str, target: CausalLM, model_name: str = "", min_confiden
 
 
 def _auto_variant(cfg: dict, source: MTPDraftSource, min_confidence: float, path: Path) -> Drafter:
-    """One of auto.json's variants: mtp | combined (with its gate) | ngram; `source` is shared."""
+    """One of auto.json's variants: mtp | combined (with its gate, n-gram match length and MTP
+    draft cap) | ngram; `source` is shared."""
     kind = cfg.get("drafter", "combined")
     if kind == "ngram":
         return NgramDrafter()
     if kind not in ("combined", "mtp"):
         raise ValueError(f"{path / 'auto.json'}: unknown drafter {kind!r} (combined, mtp or ngram)")
     gated = MTPDraftSource(source.drafter, min_confidence or float(cfg.get("min_confidence", 0.0)))
-    return gated if kind == "mtp" else CombinedDrafter(gated, min_match=int(cfg.get("min_match", 2)))
+    if kind == "mtp":
+        return gated
+    mtp_len = cfg.get("mtp_len")
+    return CombinedDrafter(gated, min_match=int(cfg.get("min_match", 2)), mtp_len=int(mtp_len) if mtp_len else None)
 
 
 def _load_source(path: Path, target: CausalLM, min_confidence: float) -> MTPDraftSource:

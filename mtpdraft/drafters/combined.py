@@ -2,8 +2,10 @@
 
 The n-gram drafter's proposal is used when it continues a suffix match of at
 least `min_match` tokens (loopy and copying text, where lookup is nearly free and
-very accurate); otherwise the MTP drafter proposes. Both see every round, so the
-n-gram index stays in sync. Lossless like any drafter: the target verifies.
+very accurate); otherwise the MTP drafter proposes, at most `mtp_len` tokens (a short
+MTP draft where its acceptance falls fast, e.g. sampling: verifying one or two more
+positions costs about as much as one). Both see every round, so the n-gram index
+stays in sync. Lossless like any drafter: the target verifies.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from .ngram import NgramDrafter
 
 
 class CombinedDrafter:
-    def __init__(self, mtp: Drafter, ngram: NgramDrafter | None = None, min_match: int = 2):
+    def __init__(self, mtp: Drafter, ngram: NgramDrafter | None = None, min_match: int = 2,
+                 mtp_len: int | None = None):
         self.ngram = ngram or NgramDrafter(max_ngram=max(3, min_match))
         if not 1 <= min_match <= self.ngram.max_ngram:
             raise ValueError(f"min_match must be in 1..{self.ngram.max_ngram}, got {min_match}")
-        self.mtp, self.min_match = mtp, min_match
+        if mtp_len is not None and mtp_len < 1:
+            raise ValueError(f"mtp_len must be >= 1, got {mtp_len}")
+        self.mtp, self.min_match, self.mtp_len = mtp, min_match, mtp_len
         self.last = ""  # which drafter proposed the last round: "ngram" | "mtp" | ""
         self.rounds = {"ngram": 0, "mtp": 0}
 
@@ -26,7 +31,7 @@ class CombinedDrafter:
         if d.tokens:
             self.last = "ngram"
         else:
-            d = self.mtp.propose(ctx, k)
+            d = self.mtp.propose(ctx, min(k, self.mtp_len) if self.mtp_len else k)
             self.last = "mtp" if d.tokens else ""
         if self.last:
             self.rounds[self.last] += 1

@@ -124,6 +124,8 @@ class TrainConfig:
     draft_len: int = DEFAULT_DRAFT_LEN
     min_match: int = 2  # combined drafter: n-gram when its match has >= this many tokens
     gates: tuple[float, ...] = (0.3, 0.6)  # also evaluate `combined` stopping a draft below these confidences
+    # also evaluate "fallback:L": prompt lookup on any n-gram match, else an MTP draft of at most L tokens
+    fallback_lens: tuple[int, ...] = (1, 2)
     sampled_temperature: float = 0.7  # auto's variant for temperature > 0 is chosen at this one (0: not chosen)
     top_k_tolerance: float = 0.01  # keep the smallest centroid top-k within this of the best validation tau
 
@@ -133,7 +135,7 @@ class TrainConfig:
         base = dict(max_prompts=40, new_tokens=48, opened_per_prompt=1, bos_openings=8, gen_batch=16,
                     hidden_size=64, intermediate_size=128, num_attention_heads=4, epochs=10.0, batch_tokens=1024,
                     eval_every=40, ckpt_every=200, warmup_iters=10, lr=3e-3, eval_prompts=4, eval_new_tokens=32,
-                    eval_untrained_prompts=4, gates=())
+                    eval_untrained_prompts=4, gates=(), fallback_lens=(1,))
         base.update(kw)
         return cls(**base)
 
@@ -582,7 +584,7 @@ def chosen_variant(select: dict) -> str:
     """What `--drafter auto` runs: of MTP alone, prompt lookup alone and the combined
     variants, the fastest on the validation prompts."""
     c = select["configs"]
-    return max((n for n in c if n in ("mtp", "ngram") or n.startswith("combined")),
+    return max((n for n in c if n in ("mtp", "ngram") or n.startswith(("combined", "fallback"))),
                key=lambda n: c[n]["decode_tokens_per_s"])
 
 
@@ -615,6 +617,8 @@ def stage_eval(cfg: TrainConfig, prompt_set: list[dict], name: str, only: list[s
     for g in cfg.gates:  # MTP drafts end at the first token below confidence g (the first is always drafted)
         gated = MTPDraftSource(mtp.drafter, min_confidence=g)  # the same weights, loaded once
         drafters[f"combined@{g}"] = lambda gated=gated: CombinedDrafter(gated, min_match=cfg.min_match)
+    for n in cfg.fallback_lens:
+        drafters[f"fallback:{n}"] = lambda n=n: CombinedDrafter(mtp, min_match=1, mtp_len=n)
     if only is not None:
         drafters = {n: f for n, f in drafters.items() if n in only}
     res = evaluate(model, tok, prompts, drafters, cfg.eval_new_tokens, cfg.draft_len,
@@ -711,7 +715,10 @@ def ship(cfg: TrainConfig, dest: str | Path) -> bool:
 
 
 def auto_variant(name: str, min_match: int) -> dict:
-    """auto.json's entry for a variant name of the evaluation: mtp | ngram | combined[@gate]."""
+    """auto.json's entry for a variant name of the evaluation: mtp | ngram | combined[@gate] | fallback:L."""
+    if name.startswith("fallback:"):
+        return {"drafter": "combined", "min_confidence": 0.0, "min_match": 1, "mtp_len": int(name.partition(":")[2]),
+                "chosen_from": name}
     return {"drafter": name.partition("@")[0], "min_confidence": float(name.partition("@")[2] or 0.0),
             "min_match": min_match, "chosen_from": name}
 
@@ -802,8 +809,9 @@ chosen on the validation prompts (`select.json` in the run directory).
 {chr(10).join(rows)}
 
 `combined` = n-gram lookup when it continues a match of >= {cfg.min_match} tokens, else this drafter;
-`combined@g` also ends an MTP draft at the first token whose probability is below g. `--drafter auto`
-runs whichever of MTP alone and the combined variants was fastest on the validation prompts
+`combined@g` also ends an MTP draft at the first token whose probability is below g; `fallback:L` =
+n-gram lookup on any match, else an MTP draft of at most L tokens. `--drafter auto` runs whichever
+of MTP alone, prompt lookup alone and the combined variants was fastest on the validation prompts
 (settings in `auto.json`).
 Measured on a shared 2-core CPU; timings are noisy. Base-model greedy text loops a lot, which is
 where prompt lookup (n-gram) is hard to beat.
