@@ -379,7 +379,7 @@ class MTPDraftSource:
             step = lambda tok, h: self.drafter.step(ctx.target, tok, h, positions, srcs)  # noqa: E731
         tok = torch.tensor([ctx.tokens[-1]])
         out: list[int] = []
-        qs: list[torch.Tensor] = []
+        qs: list[tuple] = []  # per drafted token: (candidate ids or None, q over them)
         for i in range(k):
             ids, logits, h = step(tok, h)
             if sampled:  # draw from the drafter's own distribution at the request's settings
@@ -392,10 +392,19 @@ class MTPDraftSource:
                     break
             t = int(ids[0, j]) if ids is not None else j
             out.append(t)
-            if sampled:  # q over the whole vocabulary (clustered heads score only their candidates)
-                qs.append(q if ids is None else torch.zeros(ctx.target.args.vocab_size).index_put_((ids[0],), q))
+            if sampled:
+                qs.append((ids, q))
             tok = torch.tensor([t])
-        return Draft(out, torch.stack(qs) if qs else None)
+        if not qs:
+            return Draft(out)
+        # q over the whole vocabulary (clustered heads score only their candidates), filled in one block
+        probs = torch.zeros(len(qs), ctx.target.args.vocab_size)
+        for i, (ids, q) in enumerate(qs):
+            if ids is None:
+                probs[i] = q
+            else:
+                probs[i, ids[0]] = q
+        return Draft(out, probs)
 
     def observe(self, accepted: int, proposed: int) -> None:
         pass
