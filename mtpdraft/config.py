@@ -111,9 +111,9 @@ class Stats:
     proposed_by_pos: list[int] = field(default_factory=list)
     accepted_by_pos: list[int] = field(default_factory=list)
     prefill_s: float = 0.0
-    draft_s: float = 0.0
-    verify_s: float = 0.0
-    decode_s: float = 0.0
+    draft_s: float = 0.0  # the drafter's proposals
+    verify_s: float = 0.0  # the target's forward, the acceptance test, its own token, the commit
+    decode_s: float = 0.0  # draft_s + verify_s: what tokens_per_s divides by
 
     def record(self, proposed: int, accepted: int) -> None:
         for i in range(proposed):

@@ -261,6 +261,7 @@ class Batch:
     def _verify_commit(self, r: Row, i: int, d: Draft, asked: int, out, base: int, draft_s: float,
                        verify_s: float) -> Emitted:
         """Accept a prefix of row i's draft, roll its cache row back past it, commit."""
+        t0 = time.perf_counter()
         logits, hidden = out
         n = len(d.tokens)
         logits = logits[:n + 1]
@@ -282,6 +283,11 @@ class Batch:
                 r.k = min(r.draft_len, r.k + 1) if n_acc == n else max(1, n_acc + 1)
         kept, lps = r._commit(emitted, lps)
         s.decode_tokens += len(kept)
+        # the acceptance test, the target's own token (a sample at temperature > 0) and the
+        # commit belong to the cycle's time as much as its forward does
+        spent = time.perf_counter() - t0
+        s.verify_s += spent
+        s.decode_s += spent
         return Emitted(r, kept, lps, n, n_acc)
 
 
