@@ -202,8 +202,8 @@ def test_mtp_drafts_are_sampled_from_their_own_distribution(tiny_dirs, clustered
 @pytest.mark.parametrize("tie", [False, True])
 def test_native_drafting_step_is_the_python_step_bit_for_bit(tiny_dirs, tmp_path, monkeypatch, fam, dtype, tie):
     """MTPDrafter.native_step (the whole step in one native call) returns the same ids, logits
-    and h' bits as step() over chained steps, proposes the same greedy drafts (gate included),
-    and is rebuilt when a weight changes in place (training)."""
+    and h' bits as step() over chained steps, proposes the same greedy drafts (a gate stopping
+    one mid-way included), and is rebuilt when a weight changes in place (training)."""
     import mtpdraft.registry
 
     monkeypatch.setattr(mtpdraft.registry, "cache_root", lambda: tmp_path / "cache")  # q8_0 cache
@@ -212,6 +212,7 @@ def test_native_drafting_step_is_the_python_step_bit_for_bit(tiny_dirs, tmp_path
                                layer_types=["sliding_attention", "full_attention"], num_centroids=16,
                                centroid_intermediate_top_k=4, tie_output_to_target=tie)
     d = MTPDrafter.random(cfg, seed=1, std=0.3).to_dtype(model.dtype)
+    d.masked_embedding.token_ordering.copy_(torch.randperm(cfg.vocab_size, generator=torch.Generator().manual_seed(2)))
     native = d.native_step(model)
     assert native is not None
     prompt = list(range(5, 45))
@@ -220,21 +221,26 @@ def test_native_drafting_step_is_the_python_step_bit_for_bit(tiny_dirs, tmp_path
     srcs = d.sources(model, cache)
     kv = [lc.k for _, lc in srcs], [lc.v for _, lc in srcs]
     positions = torch.tensor([[len(prompt) - 1]])
+    conf = []  # each greedy step's probability of its choice
     with torch.inference_mode():
         t, h = 7, hidden[None].float()
-        for _ in range(5):
+        for _ in range(6):
             want = d.step(model, torch.tensor([t]), h, positions, srcs)
             got = native.step(t, h, positions, *kv)
             assert all(torch.equal(a, b) for a, b in zip(want, got))
-            t, h = int(want[0][0, int(want[1][0].argmax())]), want[2]
+            j = int(want[1][0].argmax())
+            conf.append(float(torch.softmax(want[1][0], -1)[j]))
+            t, h = int(want[0][0, j]), want[2]
 
     ctx = DraftContext(prompt + [7], hidden, model, cache)
-    for gate in (0.0, 0.05, 0.3):
+    stop = 1 + min(range(1, 5), key=lambda i: conf[i])  # a gate just above this step's confidence ends the draft there
+    for gate, length in ((0.0, 6), (conf[stop - 1] * (1 + 1e-6), stop - 1)):
         src = MTPDraftSource(d, min_confidence=gate)
         drafted = src.propose(ctx, 6).tokens
-        monkeypatch.setattr(d, "native_step", lambda target: None)  # the Python step
-        assert src.propose(ctx, 6).tokens == drafted
-        monkeypatch.undo()
+        assert len(drafted) == length
+        with monkeypatch.context() as m:
+            m.setattr(d, "native_step", lambda target: None)  # the Python step
+            assert src.propose(ctx, 6).tokens == drafted
     with torch.no_grad():  # an optimizer step changes a weight in place: the native step follows
         d.pre_projection.weight.mul_(-1)
     assert d.native_step(model) is not native
@@ -242,6 +248,32 @@ def test_native_drafting_step_is_the_python_step_bit_for_bit(tiny_dirs, tmp_path
         want = d.step(model, torch.tensor([7]), hidden[None].float(), positions, srcs)
         assert all(torch.equal(a, b) for a, b in zip(want, d.native_step(model).step(7, hidden[None].float(),
                                                                                        positions, *kv)))
+
+
+def test_native_drafting_step_with_inference_tensor_weights(tiny_dirs, tmp_path):
+    """A drafter loaded inside inference mode (weights without version counters) drafts
+    natively, the same tokens as the Python step; a token outside the vocabulary is refused."""
+    model, _ = mtpdraft.load(str(tiny_dirs["gemma3_text"]), "bf16")
+    cfg = MTPConfig.for_target(model, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                               num_centroids=16, centroid_intermediate_top_k=4, tie_output_to_target=True)
+    MTPDrafter.random(cfg, seed=3, std=0.3).save(tmp_path / "d")
+    with torch.inference_mode():
+        d = MTPDrafter.load(tmp_path / "d", model.dtype)
+    assert d.pre_projection.weight.is_inference()
+    prompt = list(range(5, 30))
+    cache = model.new_cache(1, 64)
+    hidden = model.prefill(torch.tensor([prompt]), cache).hidden[0, -1]
+    ctx = DraftContext(prompt + [7], hidden, model, cache)
+    src = MTPDraftSource(d)
+    drafted = src.propose(ctx, 5).tokens
+    assert d.native_step(model) is not None and len(drafted) == 5
+    d.native_step = lambda target: None
+    assert src.propose(ctx, 5).tokens == drafted
+    del d.native_step
+    srcs = d.sources(model, cache)
+    with pytest.raises((IndexError, RuntimeError)):
+        d.native_step(model).step(model.args.vocab_size, hidden[None].float(), torch.tensor([[len(prompt)]]),
+                                  [lc.k for _, lc in srcs], [lc.v for _, lc in srcs])
 
 
 def test_native_drafting_step_only_where_it_is_the_same_step(tiny_dirs):

@@ -45,10 +45,11 @@ def test_top_k_top_p_filtering():
 
 @pytest.mark.parametrize("sp", [SamplingParams(temperature=0.7), SamplingParams(temperature=0.7, top_k=50),
                                 SamplingParams(temperature=1.0, top_p=0.9)])
-def test_target_probs_of_one_row_is_that_row_of_many(sp):
+@pytest.mark.parametrize("V", [1000, 262144])  # top-p: a full sort, or the thresholded one
+def test_target_probs_of_one_row_is_that_row_of_many(sp, V):
     """verify() builds p row by row as far as the draft is accepted: a row's distribution
     must be the same bits as that row of the whole block's."""
-    logits = torch.randn(7, 262144, generator=torch.Generator().manual_seed(5)) * 4
+    logits = torch.randn(7, V, generator=torch.Generator().manual_seed(5)) * 4
     whole = target_probs(logits, sp)
     for i in range(logits.shape[0]):
         assert torch.equal(target_probs(logits[i], sp), whole[i])

@@ -67,7 +67,8 @@ def _auto_variant(cfg: dict, source: MTPDraftSource, min_confidence: float, path
     if kind == "mtp":
         return gated
     mtp_len = cfg.get("mtp_len")
-    return CombinedDrafter(gated, min_match=int(cfg.get("min_match", 2)), mtp_len=int(mtp_len) if mtp_len else None)
+    return CombinedDrafter(gated, min_match=int(cfg.get("min_match", 2)),
+                           mtp_len=None if mtp_len is None else int(mtp_len))
 
 
 def _load_source(path: Path, target: CausalLM, min_confidence: float) -> MTPDraftSource:

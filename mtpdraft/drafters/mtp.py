@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -77,11 +78,6 @@ def _lin(x: torch.Tensor, m: Linear) -> torch.Tensor:
     if torch.is_grad_enabled():
         return F.linear(x, m.weight if m.weight.dtype == x.dtype else m.weight.to(x.dtype))
     return m(x)
-
-
-def _version(t: torch.Tensor) -> int:
-    """In-place updates (an optimizer step) bump it; inference tensors (loaded to draft) have none."""
-    return -1 if t.is_inference() else t._version
 
 
 def _norm(x: torch.Tensor, m: RMSNorm) -> torch.Tensor:
@@ -149,7 +145,7 @@ class DraftLayer(nn.Module):
     def _gate_up(self) -> torch.Tensor:
         """[gate; up] as one weight for drafting, rebuilt whenever training has changed either."""
         g, u = self.mlp.gate_proj.weight, self.mlp.up_proj.weight
-        key = (g.data_ptr(), _version(g), u.data_ptr(), _version(u))
+        key = (g.data_ptr(), kernels.version(g), u.data_ptr(), kernels.version(u))
         cached = self.__dict__.get("_fused")
         if cached is None or cached[0] != key:
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor: packing keys on its version
@@ -292,13 +288,17 @@ class MTPDrafter(nn.Module):
         return ids, logits, h_next
 
     def native_step(self, target: CausalLM):
-        """step() as one native call (kernels.draft_step: the same kernel calls, so the same
-        bits), built for `target` once and again whenever a weight changes (training); None
-        where step() runs in Python (a subclass's layers, a dense head, no native kernels)."""
-        key = tuple((t.data_ptr(), _version(t)) for t in (*self.parameters(), *self.buffers()))
-        cached = self.__dict__.get("_native")
-        if cached is None or cached[0] is not target or cached[1] != key:
-            cached = self.__dict__["_native"] = (target, key, self._build_native(target))
+        """step() as one native call (kernels.draft_step: the same kernels in the same order,
+        so the same bits), built for `target` once and again whenever a weight of either
+        changes (training, reloading); None where step() runs in Python (a subclass's layers,
+        a dense head, no native kernels)."""
+        tables = [target._qembed if target._qembed is not None else target.model.embed_tokens.weight,
+                  self.output_table(target)]
+        tensors = [*self.parameters(), *self.buffers(), *(p for t in tables for p in getattr(t, "parts", [t]))]
+        key = tuple((t.data_ptr(), kernels.version(t)) for t in tensors)
+        cached = self.__dict__.get("_native")  # (weak ref to the target, key, step)
+        if cached is None or cached[0]() is not target or cached[1] != key:
+            cached = self.__dict__["_native"] = (weakref.ref(target), key, self._build_native(target))
         return cached[2]
 
     def _build_native(self, target: CausalLM):

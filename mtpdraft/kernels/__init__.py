@@ -275,7 +275,7 @@ class Packed:
 
     def __init__(self, source: torch.Tensor, data: torch.Tensor):
         self.source, self.data = source, data
-        self._key = (source.data_ptr(), source._version)
+        self._key = (source.data_ptr(), version(source))
 
     @property
     def shape(self) -> torch.Size:
@@ -283,7 +283,13 @@ class Packed:
 
     @property
     def fresh(self) -> bool:
-        return (self.source.data_ptr(), self.source._version) == self._key
+        return (self.source.data_ptr(), version(self.source)) == self._key
+
+
+def version(t: torch.Tensor) -> int:
+    """t's version counter, which in-place updates (an optimizer step) bump; -1 for inference
+    tensors, which have none (and cannot be updated in place outside inference mode)."""
+    return -1 if t.is_inference() else t._version
 
 
 def pack(w: torch.Tensor) -> "Packed | torch.Tensor":
@@ -594,8 +600,9 @@ def layer_stack(layers: "list[dict]"):
 
 def draft_step(embed, embed_scale: float, pre, post, centroids, final_norm, final_eps: float, final_offset: float,
                tie: bool, clusters: torch.Tensor, top_k: int, head, layers: "list[dict]"):
-    """An MTP drafting step as one native call (mtpdraft_qkernels.DraftStep): the same kernel
-    calls as MTPDrafter.step, so the same bits. Weights: dense ones as `linear` takes them
+    """An MTP drafting step as one native call (mtpdraft_qkernels.DraftStep): the same kernels
+    as MTPDrafter.step in the same order, so the same bits (dense weights packed, whose GEMV
+    gives the row-major kernel's bits). Weights: dense ones as `linear` takes them
     (Tensor or Packed); embed: a one-part QWeight or a dense table; head: the cluster-ordered
     QWeight (one part a cluster) or a dense output table; each layer's dict holds its
     DraftStepLayer arguments with q, o, gate_up, down as weights. None when either kernel

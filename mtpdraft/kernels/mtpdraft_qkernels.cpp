@@ -739,8 +739,9 @@ class Stack {
 
 // ---------------------------------------------------------------------------
 // One MTP drafting step in one call (drafters/mtp.py, MTPDrafter.step with its DraftLayers):
-// the same kernel and ATen calls as the Python step, in the same order with the same
-// arguments, so the same bits; what goes is ~60 Python-level calls a step (~40% of it).
+// the same kernels and ATen calls as the Python step, in the same order with the same
+// arguments (dense weights may be packed: linear_packed gives linear's bits), so the same
+// bits; what goes is ~60 Python-level calls a step (~40% of it).
 // ---------------------------------------------------------------------------
 // A dense weight as kernels.linear takes it: packed (one-row calls) or row-major.
 struct DLin {
