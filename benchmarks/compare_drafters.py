@@ -21,7 +21,10 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from mtpdraft import load
+from mtpdraft.bench import machine_info
 from mtpdraft.drafters import MTPDraftSource, NgramDrafter, make_drafter
 from mtpdraft.drafters.combined import CombinedDrafter
 from mtpdraft.train.data import encode_prompt, load_prompts, split_sets, uses_chat
@@ -64,6 +67,8 @@ def main() -> None:
         for n in (int(x) for x in a.fallback.split(",") if x):
             confs[f"{d} fallback:{n}"] = lambda src=src, n=n: CombinedDrafter(src, min_match=1, mtp_len=n)
     res = evaluate(model, tok, prompts, confs, a.max_new_tokens, a.draft_len, temperature=a.temperature)
+    res.update(machine=machine_info()["cpu"], threads=torch.get_num_threads(), weights=model.weights_format,
+               prompt_set=a.prompts)
     print(f"{len(prompts)} prompts ({a.prompts}), {model.weights_format}, k={a.draft_len}, "
           f"{a.max_new_tokens} new tokens, temperature {a.temperature}")
     print("| drafter | tau | decode tok/s | vs plain | greedy == plain |\n|---|---|---|---|---|")
