@@ -292,8 +292,7 @@ class MTPDrafter(nn.Module):
         so the same bits), built for `target` once and again whenever a weight of either
         changes (training, reloading); None where step() runs in Python (a subclass's layers,
         a dense head, no native kernels)."""
-        tables = [target._qembed if target._qembed is not None else target.model.embed_tokens.weight,
-                  self.output_table(target)]
+        tables = [target.embed_table, self.output_table(target)]
         tensors = [*self.parameters(), *self.buffers(), *(p for t in tables for p in getattr(t, "parts", [t]))]
         key = tuple((t.data_ptr(), kernels.version(t)) for t in tensors)
         cached = self.__dict__.get("_native")  # (weak ref to the target, key, step)
@@ -323,9 +322,8 @@ class MTPDrafter(nn.Module):
                 res_eps=post.eps, res_offset=post.offset, post_mlp=post_ff.weight, mlp_eps=post_ff.eps,
                 mlp_offset=post_ff.offset, inv_freq=src.inv_freq, scale=float(src.scale), heads=at.heads,
                 head_dim=at.head_dim, window=int(src.window)))
-        embed = target._qembed if target._qembed is not None else target.model.embed_tokens.weight
         return kernels.draft_step(
-            embed, target.embed_scale, kernels.pack(self.pre_projection.weight),
+            target.embed_table, target.embed_scale, kernels.pack(self.pre_projection.weight),
             kernels.pack(self.post_projection.weight), kernels.pack(self.masked_embedding.centroids.weight),
             self.model.norm.weight, self.model.norm.eps, self.model.norm.offset, c.tie_output_to_target,
             self.masked_embedding.token_ordering.view(c.num_centroids, -1), c.centroid_intermediate_top_k,

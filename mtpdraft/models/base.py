@@ -64,9 +64,14 @@ class CausalLM(nn.Module):
             return self._head
         return self.model.embed_tokens.weight if self.args.tie_word_embeddings else self.lm_head.weight
 
+    @property
+    def embed_table(self) -> "torch.Tensor | kernels.QWeight":
+        """The input embedding table [V, D] that embed() reads (before embed_scale)."""
+        return self._qembed if self._qembed is not None else self.model.embed_tokens.weight
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Input embeddings [B, N, D] in fp32, scaled as this family scales them."""
-        e = kernels.take_rows(self._qembed if self._qembed is not None else self.model.embed_tokens.weight, tokens)
+        e = kernels.take_rows(self.embed_table, tokens)
         return e * self.embed_scale if self.embed_scale != 1.0 else e
 
     def per_layer_inputs(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
