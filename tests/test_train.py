@@ -126,6 +126,39 @@ def test_distillation_term_is_the_cross_entropy_to_the_targets_candidates(tiny, 
     assert abs(float(half) - 0.5 * (float(hard) + at_teacher)) < 1e-5
 
 
+def test_training_can_start_from_an_existing_drafter(tiny, tmp_path, one_thread):
+    """init_from: training starts from that drafter's weights and architecture (the
+    features follow its layers); a drafter made for another target is refused."""
+    from mtpdraft.train.train import TrainConfig, initial_drafter, run_layer_types, save_drafter
+
+    _, model, _ = tiny
+    start = _randomized(model, ["sliding_attention", "full_attention"])
+    save_drafter(start, tmp_path / "start")
+    cfg = TrainConfig(init_from=str(tmp_path / "start"), layer_types=("full_attention",), hidden_size=64)
+    assert run_layer_types(cfg) == ["sliding_attention", "full_attention"]
+    d = initial_drafter(cfg, model)
+    from mtpdraft.drafters.mtp import MTPDrafter
+
+    ref = MTPDrafter.load(tmp_path / "start")
+    assert d.config == ref.config and d.config.hidden_size == 32
+    for k, v in ref.state_dict().items():
+        assert torch.equal(d.state_dict()[k], v), k
+        if v.is_floating_point():
+            assert d.state_dict()[k].dtype == torch.float32
+    # the stored bf16 weights, not a fresh initialisation
+    assert torch.equal(d.model.layers[0].self_attn.q_proj.weight,
+                       start.model.layers[0].self_attn.q_proj.weight.to(torch.bfloat16).float())
+    with pytest.raises(ValueError, match="tie_output_to_target"):
+        initial_drafter(TrainConfig(init_from=str(tmp_path / "start"), tie_output_to_target=False), model)
+    other = json.loads((tmp_path / "start" / "config.json").read_text())
+    other["num_key_value_heads"] *= 2  # no weight's shape depends on it: the target check catches it
+    (tmp_path / "start" / "config.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="does not match the target: KV heads"):
+        initial_drafter(cfg, model)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        run_layer_types(TrainConfig(init_from=str(tmp_path / "missing")))
+
+
 def _tau(model, prompts, drafter_factory, n=32):
     st = Stats()
     outs = []

@@ -96,6 +96,10 @@ class TrainConfig:
     num_centroids: int = 0  # 0 = auto (2048 for big vocabularies, vocab/16 for tiny ones)
     centroid_top_k: int = 0  # 0 = auto (32, at most a quarter of the clusters)
     tie_output_to_target: bool = True  # the head is the target's own table, read by h'
+    # start from this drafter's weights (a drafter directory; its architecture replaces the
+    # settings above): continue training a shipped drafter, e.g. with distill_weight > 0.
+    # Its run's "untrained" copy is then this drafter, so `--ship` needs a gain over it.
+    init_from: str | None = None
     # -- training -----------------------------------------------------------------------------
     draft_steps: int = 4  # k: unrolled steps per position
     step_decay: float = 0.8  # weight of step j is decay^(j-1)
@@ -127,7 +131,10 @@ class TrainConfig:
     # also evaluate "fallback:L": prompt lookup on any n-gram match, else an MTP draft of at most L tokens
     fallback_lens: tuple[int, ...] = (1, 2)
     sampled_temperature: float = 0.7  # auto's variant for temperature > 0 is chosen at this one (0: not chosen)
-    top_k_tolerance: float = 0.01  # keep the smallest centroid top-k within this of the best validation tau
+    # keep the smallest centroid top-k within this of the best validation tau. 0.02: in two
+    # gemma-3-270m runs (2026-12-06) top-k 8 was 0.012-0.013 below 32 (and above 16: noise of
+    # this size), yet faster in the real loop on the validation prompts, greedy and sampled
+    top_k_tolerance: float = 0.02
 
     @classmethod
     def quick_config(cls, **kw) -> "TrainConfig":
@@ -443,6 +450,31 @@ def save_drafter(drafter, path: Path, dtype: torch.dtype = torch.bfloat16) -> Pa
     return d.save(path)
 
 
+def run_layer_types(cfg: TrainConfig) -> list[str]:
+    """The drafter's layer types (which target layers' K/V the features store)."""
+    if cfg.init_from:
+        path = Path(cfg.init_from) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"init_from {cfg.init_from}: not a drafter directory (no config.json)")
+        return list(json.loads(path.read_text())["layer_types"])
+    return list(cfg.layer_types)
+
+
+def initial_drafter(cfg: TrainConfig, target):
+    """The drafter training starts from: fresh (TrainConfig's architecture) or init_from's, in fp32."""
+    if not cfg.init_from:
+        return new_drafter(target, drafter_settings(target, cfg), cfg.seed)
+    from ..drafters.mtp import MTPDrafter
+
+    d = MTPDrafter.load(cfg.init_from)  # fp32 (its stored bf16 matrices are exact in fp32)
+    d.check_target(target)
+    if d.config.tie_output_to_target != cfg.tie_output_to_target:
+        raise ValueError(f"init_from {cfg.init_from}: tie_output_to_target is {d.config.tie_output_to_target}, "
+                         f"the run's setting is {cfg.tie_output_to_target}")
+    _log(f"starting from the drafter in {cfg.init_from}")
+    return d
+
+
 def stage_train(cfg: TrainConfig, target, train: Features, val: Features):
     from tqdm import tqdm
 
@@ -453,7 +485,7 @@ def stage_train(cfg: TrainConfig, target, train: Features, val: Features):
 
         return MTPDrafter.load(final)
     torch.manual_seed(cfg.seed)
-    drafter = new_drafter(target, drafter_settings(target, cfg), cfg.seed)
+    drafter = initial_drafter(cfg, target)
     if not (out / "untrained" / "config.json").exists():
         save_drafter(drafter, out / "untrained")
     clusters = cluster_of(drafter) if drafter.config.use_ordered_embeddings else None
@@ -537,7 +569,7 @@ def stage_train(cfg: TrainConfig, target, train: Features, val: Features):
     info = {"iterations": total, "epochs": round(total / per_epoch, 3), "train_seconds_this_run":
             round(time.perf_counter() - t_start, 1), "train_positions": int(train.offsets[-1]),
             "params": sum(p.numel() for p in drafter.parameters()), "log": log,
-            "drafter": drafter_settings(target, cfg)}
+            "drafter": {k: getattr(drafter.config, k) for k in drafter_settings(target, cfg)}}
     save_drafter(drafter, final)
     (out / "train_log.json").write_text(json.dumps(info, indent=2))
     return drafter
@@ -652,7 +684,7 @@ def run(cfg: TrainConfig) -> dict:
          f"{len(val_prompts)} validation, {len(eval_prompts)} eval")
     t0 = time.perf_counter()
     seqs = stage_data(cfg, model, tok, train_prompts, val_prompts)
-    layers = sorted(set(source_layers(list(cfg.layer_types), model)))
+    layers = sorted(set(source_layers(run_layer_types(cfg), model)))
     t1 = time.perf_counter()
     train, val = stage_features(cfg, model, seqs, layers)
     t2 = time.perf_counter()
@@ -768,6 +800,14 @@ def model_card(cfg: TrainConfig, ev: dict, sel: dict) -> str:
     command = f"mtpdraft train --model {cfg.model} --out RUN {changed}".strip()
     user_text = (f"\n  Also the lines of `{Path(cfg.data_file).name}`, teacher-forced (labels: the target's argmax)."
                  if cfg.data_file else "")
+    w = cfg.distill_weight
+    token_loss = ("cross-entropy on the target's greedy tokens" if not w else
+                  f"{1 - w:g} x cross-entropy on the target's greedy tokens + {w:g} x cross-entropy to the "
+                  "target's own distribution over the same candidates (distillation)")
+    init_text = (f"\n- Started from the drafter in `{cfg.init_from}` (its own card says how that one was trained); "
+                 "the data, wall time and iterations here are this run's only." if cfg.init_from else "")
+    sampled_rows = (f", and {cfg.sampled_per_prompt} rows per prompt sampled throughout (labels: the target's argmax)"
+                    if cfg.sampled_per_prompt else "")
     return f"""# MTP drafter for {cfg.model}
 
 A multi-token-prediction drafter in mtpdraft's format (`model_type: mtpdraft_mtp`),
@@ -789,12 +829,12 @@ trained by `mtpdraft train` on text the target wrote itself. Load it with
 - Data: {data['sequences']} sequences ({data['total_tokens']:,} tokens, {data['trainable_positions']:,} trained positions),
   written by the target ({cfg.dtype}) from the project's prompt set
   (`mtpdraft/data/train_prompts.jsonl`, validation and eval prompts excluded) and from BOS: greedy
-  continuations, many after {cfg.sample_first} tokens sampled at temperature {cfg.temperature}; {cfg.new_tokens} new tokens each.{user_text}
+  continuations, many after {cfg.sample_first} tokens sampled at temperature {cfg.temperature}{sampled_rows}; {cfg.new_tokens} new tokens each.{user_text}
 - Objective: {cfg.draft_steps}-step unrolled teacher-forced drafting (the drafter's own h carried
-  between steps), cross-entropy on the target's greedy tokens with a reduced softmax
+  between steps), {token_loss} with a reduced softmax
   (label cluster + {cfg.extra_clusters} competing clusters) + centroid cross-entropy
   + {cfg.hidden_weight} x relative MSE of h' to the target's next hidden state; step weights {cfg.step_decay}^(j-1).
-- {tl['iterations']} AdamW iterations ({tl['epochs']} epochs), lr {cfg.lr} cosine, seed {cfg.seed}.
+- {tl['iterations']} AdamW iterations ({tl['epochs']} epochs), lr {cfg.lr} cosine, seed {cfg.seed}.{init_text}
 - Wall time on {machine_info()['cpu']} ({torch.get_num_threads()} threads): {_timings(out)}.
 - Command (every figure here, the eval table included, comes from it): `{command}`.
 
