@@ -29,7 +29,7 @@ from mtpdraft.decoding.engine import generate
 from mtpdraft.drafters.mtp import MTPDrafter
 from mtpdraft.train.data import encode_prompt, load_prompts, split_sets, uses_chat
 from mtpdraft.train.features import compute_features
-from mtpdraft.train.model import _lin, cluster_dot, ordered_table, output_table, unrolled
+from mtpdraft.train.model import _lin, head_candidates, output_table, unrolled
 from mtpdraft.train.train import TrainConfig
 
 
@@ -39,8 +39,7 @@ def overlap(drafter: MTPDrafter, model, seqs: list[dict], temperature: float) ->
     if not (c.tie_output_to_target and c.use_ordered_embeddings):
         raise ValueError("this measure reads a clustered head tied to the target's table")
     feats = compute_features(model, seqs, sorted(set(drafter.source_layers(model))), 4096)
-    table, ordered = output_table(drafter, model).float(), ordered_table(drafter, model)
-    members = drafter.masked_embedding.token_ordering.view(c.num_centroids, -1)
+    table = output_table(drafter, model).float()
     total, n = 0.0, 0
     for i in range(len(seqs)):
         b = feats.batch([i])
@@ -51,9 +50,9 @@ def overlap(drafter: MTPDrafter, model, seqs: list[dict], temperature: float) ->
         ok = (torch.arange(T - 1)[None] >= b["train_from"][:, None])
         y, ht = h[:, : T - 1][ok].float(), nxt[ok].float()
         p = torch.softmax(_lin(ht, table) / temperature, -1)
-        top = _lin(y, drafter.masked_embedding.centroids.weight.float()).topk(c.centroid_intermediate_top_k, -1).indices
-        q = torch.softmax(cluster_dot(y, ordered, top) / temperature, -1)
-        total += float(torch.minimum(p.gather(1, members[top].flatten(1)), q).sum())
+        ids, logits = head_candidates(drafter, model, y)
+        q = torch.softmax(logits / temperature, -1)
+        total += float(torch.minimum(p.gather(1, ids), q).sum())
         n += y.shape[0]
     return total / max(n, 1), n
 

@@ -62,6 +62,19 @@ class MTPConfig:
             raise ValueError(f"vocab_size {self.vocab_size} is not a multiple of num_centroids {self.num_centroids}")
 
     @classmethod
+    def read(cls, path: str | Path) -> "MTPConfig":
+        """The config.json of the drafter directory `path`."""
+        path = Path(path)
+        try:
+            cfg = json.loads((path / "config.json").read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} is not a drafter directory (no config.json)") from None
+        if cfg.get("model_type") != "mtpdraft_mtp":
+            raise ValueError(f"{path}: model_type {cfg.get('model_type')!r} is not an mtpdraft MTP drafter")
+        cfg.pop("model_type")
+        return cls(**cfg)
+
+    @classmethod
     def for_target(cls, target: CausalLM, **kw) -> "MTPConfig":
         a = target.args
         kw.setdefault("use_ordered_embeddings", a.vocab_size % kw.get("num_centroids", 2048) == 0)
@@ -200,14 +213,7 @@ class MTPDrafter(nn.Module):
     @classmethod
     def load(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "MTPDrafter":
         path = Path(path)
-        try:
-            cfg = json.loads((path / "config.json").read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path} is not a drafter directory (no config.json)") from None
-        if cfg.get("model_type") != "mtpdraft_mtp":
-            raise ValueError(f"{path}: model_type {cfg.get('model_type')!r} is not an mtpdraft MTP drafter")
-        cfg.pop("model_type")
-        d = cls(MTPConfig(**cfg))
+        d = cls(MTPConfig.read(path))
         weights = load_file(str(path / "model.safetensors"))
         expected = d.state_dict()
         if set(weights) != set(expected):

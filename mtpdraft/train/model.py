@@ -286,12 +286,19 @@ def inference_correct(drafter: MTPDrafter, target: CausalLM, y: torch.Tensor, la
     table = output_table(drafter, target)
     if not c.use_ordered_embeddings:
         return _lin(y, table.float()).argmax(-1) == labels
+    ids, logits = head_candidates(drafter, target, y)
+    return ids.gather(1, logits.argmax(-1, keepdim=True))[:, 0] == labels
+
+
+@torch.no_grad()
+def head_candidates(drafter: MTPDrafter, target: CausalLM, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clustered head at inference for rows y [N, width]: the token ids of the top-k
+    clusters the centroids pick and their logits, both [N, top_k * V/C], in the same order."""
+    c = drafter.config
     clusters = drafter.masked_embedding.token_ordering.view(c.num_centroids, -1)
     y = y.float()
     top = _lin(y, drafter.masked_embedding.centroids.weight.float()).topk(c.centroid_intermediate_top_k, -1).indices
-    logits = cluster_dot(y, ordered_table(drafter, target), top)  # [N, top_k * per], same order as ids
-    ids = clusters[top].flatten(1)
-    return ids.gather(1, logits.argmax(-1, keepdim=True))[:, 0] == labels
+    return clusters[top].flatten(1), cluster_dot(y, ordered_table(drafter, target), top)
 
 
 def new_drafter(target: CausalLM, cfg: dict, seed: int) -> MTPDrafter:

@@ -453,10 +453,9 @@ def save_drafter(drafter, path: Path, dtype: torch.dtype = torch.bfloat16) -> Pa
 def run_layer_types(cfg: TrainConfig) -> list[str]:
     """The drafter's layer types (which target layers' K/V the features store)."""
     if cfg.init_from:
-        path = Path(cfg.init_from) / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"init_from {cfg.init_from}: not a drafter directory (no config.json)")
-        return list(json.loads(path.read_text())["layer_types"])
+        from ..drafters.mtp import MTPConfig
+
+        return list(MTPConfig.read(cfg.init_from).layer_types)
     return list(cfg.layer_types)
 
 
