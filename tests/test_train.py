@@ -378,7 +378,7 @@ def test_train_validation_eval_and_bench_prompts_share_no_passage():
     """The prompt sets: training, validation (every choice) and eval (the model card's
     figures), as `mtpdraft train` splits them, and the bench set of README/BENCHMARKS."""
     from mtpdraft.bench.prompts import load_prompts as load_bench
-    from mtpdraft.train.data import load_prompts, shared_passages, split_sets
+    from mtpdraft.train.data import EXTRA_PROMPTS_FILE, load_prompts, shared_passages, split_sets
     from mtpdraft.train.train import TrainConfig
 
     cfg = TrainConfig()
@@ -393,6 +393,25 @@ def test_train_validation_eval_and_bench_prompts_share_no_passage():
     # benchmarks/compare_drafters.py's prompts: unseen by training, validation, eval and bench
     heldout = load_prompts(Path(__file__).parent.parent / "benchmarks" / "heldout_prompts.jsonl")
     assert len(heldout) >= 16 and shared_passages(prompts + bench, heldout) == []
+    # the training-only broad set: nothing in common with any held-out set, no reused id
+    extra = load_prompts(EXTRA_PROMPTS_FILE)
+    assert len(extra) >= 500 and not {p["id"] for p in extra} & {p["id"] for p in prompts}
+    assert len({p["id"] for p in extra}) == len(extra)
+    assert shared_passages(extra, val + evals + bench + heldout) == []
+
+
+def test_extra_prompts_are_training_only_and_refused_when_they_leak():
+    from mtpdraft.train.data import training_only
+
+    prompts = [{"id": "a", "prompt": "Describe a quiet harbor town at dawn."},
+               {"id": "v", "prompt": "The old mill by the river burned down in the spring of that year."}]
+    ok = [{"id": "x1", "prompt": "Write a limerick about a cat who hates Mondays."}]
+    assert training_only(ok, prompts, prompts[1:]) == ok
+    leak = ok + [{"id": "x2", "prompt": "Continue: the old mill by the river burned down in the spring."}]
+    with pytest.raises(ValueError, match=r"share passages with held-out prompts: \[\('x2', 'v'\)\]"):
+        training_only(leak, prompts, prompts[1:])
+    with pytest.raises(ValueError, match=r"reuse prompt ids: \['a'\]"):
+        training_only([{"id": "a", "prompt": "Name three rivers."}], prompts, prompts[1:])
 
 
 def test_shared_passages_finds_reused_text_not_templates():

@@ -25,6 +25,8 @@ from ..decoding.stops import StopChecker
 from ..models.base import CausalLM
 
 PROMPTS_FILE = Path(__file__).resolve().parent.parent / "data" / "train_prompts.jsonl"
+# a broader set written after the split of PROMPTS_FILE was fixed: training prompts only
+EXTRA_PROMPTS_FILE = PROMPTS_FILE.with_name("train_extra_prompts.jsonl")
 
 
 def load_prompts(path: str | Path | None = None) -> list[dict]:
@@ -144,6 +146,20 @@ def split_sets(prompts: list[dict], val_frac: float, eval_frac: float,
     rest, evals = split_prompts(prompts, eval_frac, seed)
     train, val = split_prompts(rest, val_frac / max(1e-9, 1 - eval_frac), seed + 1)
     return train, val, evals
+
+
+def training_only(extra: list[dict], prompts: list[dict], held: list[dict]) -> list[dict]:
+    """`extra` as training prompts beside the split `prompts`: ids must be new, and no extra
+    prompt may share a passage with a held-out (validation or eval) prompt."""
+    ids = {p["id"] for p in prompts}
+    dup = sorted({p["id"] for p in extra if p["id"] in ids} | {i for i, n in
+                 collections.Counter(p["id"] for p in extra).items() if n > 1})
+    if dup:
+        raise ValueError(f"extra training prompts reuse prompt ids: {dup[:5]}")
+    shared = shared_passages(extra, held)
+    if shared:
+        raise ValueError(f"extra training prompts share passages with held-out prompts: {shared[:5]}")
+    return extra
 
 
 @dataclass

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from ..config import DEFAULT_DRAFT_LEN
-from .data import Job, encode_prompt, generate_batch, load_prompts, split_sets, uses_chat
+from .data import Job, encode_prompt, generate_batch, load_prompts, split_sets, training_only, uses_chat
 from .features import Features, compute_features
 from .model import cluster_of, head_loss, inference_correct, new_drafter, source_layers, unrolled
 
@@ -61,6 +61,9 @@ class TrainConfig:
     seed: int = 0
     # -- data ---------------------------------------------------------------------------------
     prompts_file: str | None = None  # default: the bundled train_prompts.jsonl
+    # training-only prompts, never split into validation or eval (e.g. a broad set written
+    # after the split was fixed); refused if one shares a passage with a validation or eval prompt
+    extra_prompts_file: str | None = None
     # three disjoint prompt sets (per category, prompts sharing a passage on one side): train;
     # validation, for every choice (teacher-forced validation, centroid top-k, gate, what
     # `auto` runs); eval, only for the reported figures
@@ -675,6 +678,9 @@ def run(cfg: TrainConfig) -> dict:
         prompts = prompts[: cfg.max_prompts]
     train_prompts, val_prompts, eval_prompts = split_sets(prompts, cfg.val_prompts_frac, cfg.eval_prompts_frac,
                                                           cfg.seed)
+    if cfg.extra_prompts_file:
+        train_prompts = train_prompts + training_only(load_prompts(cfg.extra_prompts_file), prompts,
+                                                      val_prompts + eval_prompts)
     (out / "split.json").write_text(json.dumps({"train": [p["id"] for p in train_prompts],
                                                 "validation": [p["id"] for p in val_prompts],
                                                 "eval": [p["id"] for p in eval_prompts]}, indent=1))
@@ -805,6 +811,8 @@ def model_card(cfg: TrainConfig, ev: dict, sel: dict) -> str:
                   "target's own distribution over the same candidates (distillation)")
     init_text = (f"\n- Started from the drafter in `{cfg.init_from}` (its own card says how that one was trained); "
                  "the data, wall time and iterations here are this run's only." if cfg.init_from else "")
+    extra_text = (f"; plus the training-only prompts of `{Path(cfg.extra_prompts_file).name}`"
+                  if cfg.extra_prompts_file else "")
     sampled_rows = (f", and {cfg.sampled_per_prompt} rows per prompt sampled throughout (labels: the target's argmax)"
                     if cfg.sampled_per_prompt else "")
     return f"""# MTP drafter for {cfg.model}
@@ -827,7 +835,7 @@ trained by `mtpdraft train` on text the target wrote itself. Load it with
 ## Training
 - Data: {data['sequences']} sequences ({data['total_tokens']:,} tokens, {data['trainable_positions']:,} trained positions),
   written by the target ({cfg.dtype}) from the project's prompt set
-  (`mtpdraft/data/train_prompts.jsonl`, validation and eval prompts excluded) and from BOS: greedy
+  (`mtpdraft/data/train_prompts.jsonl`, validation and eval prompts excluded{extra_text}) and from BOS: greedy
   continuations, many after {cfg.sample_first} tokens sampled at temperature {cfg.temperature}{sampled_rows}; {cfg.new_tokens} new tokens each.{user_text}
 - Objective: {cfg.draft_steps}-step unrolled teacher-forced drafting (the drafter's own h carried
   between steps), {token_loss} with a reduced softmax
