@@ -65,7 +65,7 @@ def main() -> None:
             gated = MTPDraftSource(src.drafter, min_confidence=gate)
             confs[f"{d} + ngram@{gate}"] = lambda g=gated: CombinedDrafter(g, min_match=2)
         for n in (int(x) for x in a.fallback.split(",") if x):
-            confs[f"{d} fallback:{n}"] = lambda src=src, n=n: CombinedDrafter(src, min_match=1, mtp_len=n)
+            confs[f"{d} fallback:{n}"] = lambda src=src, n=n: CombinedDrafter.fallback(src, n)
     res = evaluate(model, tok, prompts, confs, a.max_new_tokens, a.draft_len, temperature=a.temperature)
     res.update(machine=machine_info()["cpu"], threads=torch.get_num_threads(), weights=model.weights_format,
                prompt_set=a.prompts)

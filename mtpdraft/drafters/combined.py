@@ -13,6 +13,8 @@ from __future__ import annotations
 from .base import Draft, DraftContext, Drafter
 from .ngram import NgramDrafter
 
+FALLBACK_MIN_MATCH = 1  # "fallback:L": prompt lookup on any match, else a short MTP draft
+
 
 class CombinedDrafter:
     def __init__(self, mtp: Drafter, ngram: NgramDrafter | None = None, min_match: int = 2,
@@ -25,6 +27,12 @@ class CombinedDrafter:
         self.mtp, self.min_match, self.mtp_len = mtp, min_match, mtp_len
         self.last = ""  # which drafter proposed the last round: "ngram" | "mtp" | ""
         self.rounds = {"ngram": 0, "mtp": 0}
+
+    @classmethod
+    def fallback(cls, mtp: Drafter, mtp_len: int) -> "CombinedDrafter":
+        """The "fallback:L" variant: prompt lookup on any n-gram match, else an MTP draft of
+        at most mtp_len tokens."""
+        return cls(mtp, min_match=FALLBACK_MIN_MATCH, mtp_len=mtp_len)
 
     def propose(self, ctx: DraftContext, k: int) -> Draft:
         d = Draft(self.ngram.lookup(ctx.tokens, k, self.min_match))

@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from ..config import DEFAULT_DRAFT_LEN
+from ..drafters.combined import FALLBACK_MIN_MATCH
 from .data import Job, encode_prompt, generate_batch, load_prompts, split_sets, training_only, uses_chat
 from .features import Features, compute_features
 from .model import cluster_of, head_loss, inference_correct, new_drafter, source_layers, unrolled
@@ -652,7 +653,7 @@ def stage_eval(cfg: TrainConfig, prompt_set: list[dict], name: str, only: list[s
         gated = MTPDraftSource(mtp.drafter, min_confidence=g)  # the same weights, loaded once
         drafters[f"combined@{g}"] = lambda gated=gated: CombinedDrafter(gated, min_match=cfg.min_match)
     for n in cfg.fallback_lens:
-        drafters[f"fallback:{n}"] = lambda n=n: CombinedDrafter(mtp, min_match=1, mtp_len=n)
+        drafters[f"fallback:{n}"] = lambda n=n: CombinedDrafter.fallback(mtp, n)
     if only is not None:
         drafters = {n: f for n, f in drafters.items() if n in only}
     res = evaluate(model, tok, prompts, drafters, cfg.eval_new_tokens, cfg.draft_len,
@@ -754,7 +755,8 @@ def ship(cfg: TrainConfig, dest: str | Path) -> bool:
 def auto_variant(name: str, min_match: int) -> dict:
     """auto.json's entry for a variant name of the evaluation: mtp | ngram | combined[@gate] | fallback:L."""
     if name.startswith("fallback:"):
-        return {"drafter": "combined", "min_confidence": 0.0, "min_match": 1, "mtp_len": int(name.partition(":")[2]),
+        return {"drafter": "combined", "min_confidence": 0.0, "min_match": FALLBACK_MIN_MATCH,
+                "mtp_len": int(name.partition(":")[2]),
                 "chosen_from": name}
     return {"drafter": name.partition("@")[0], "min_confidence": float(name.partition("@")[2] or 0.0),
             "min_match": min_match, "chosen_from": name}
