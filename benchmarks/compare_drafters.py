@@ -27,7 +27,7 @@ from mtpdraft import load
 from mtpdraft.bench import machine_info
 from mtpdraft.drafters import MTPDraftSource, NgramDrafter, make_drafter
 from mtpdraft.drafters.combined import CombinedDrafter
-from mtpdraft.train.data import encode_prompt, load_prompts, split_sets, uses_chat
+from mtpdraft.train.data import encode_prompt, load_prompts, uses_chat
 from mtpdraft.train.evaluate import evaluate
 from mtpdraft.train.train import TrainConfig
 
@@ -51,12 +51,11 @@ def main() -> None:
     model, tok = load(a.model, a.dtype)
     chat = uses_chat(tok, None)
     if a.prompts in ("eval", "validation"):
-        cfg = TrainConfig()
-        _, val, evals = split_sets(load_prompts(), cfg.val_prompts_frac, cfg.eval_prompts_frac, cfg.seed)
+        _, val, evals = TrainConfig().prompt_sets()
         rows = evals if a.prompts == "eval" else val
     else:
         rows = load_prompts(a.prompts)
-    prompts = [encode_prompt(tok, p["prompt"], chat, 96) for p in rows]
+    prompts = [encode_prompt(tok, p["prompt"], chat, TrainConfig.max_prompt_tokens) for p in rows]
     confs = {"plain": lambda: None, "ngram": lambda: NgramDrafter()}
     for d in a.drafters:
         src = make_drafter(d, model)

@@ -17,7 +17,6 @@ import mtpdraft
 from mtpdraft.config import SamplingParams, SpecParams, Stats
 from mtpdraft.decoding.engine import generate
 from mtpdraft.drafters import make_drafter
-from mtpdraft.train.data import load_prompts, split_sets
 from mtpdraft.train.train import TrainConfig
 
 
@@ -30,8 +29,7 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="auto", help="weights: auto | gguf | q8_0 | bf16 | fp32")
     a = ap.parse_args()
-    cfg = TrainConfig()
-    _, held, _ = split_sets(load_prompts(), cfg.val_prompts_frac, cfg.eval_prompts_frac, cfg.seed)  # validation
+    _, held, _ = TrainConfig().prompt_sets()  # validation
     held = held[: a.limit] if a.limit else held
     model, tok = mtpdraft.load(a.model, a.dtype)
     drafter = make_drafter(a.drafter, model, a.model)

@@ -27,7 +27,7 @@ from mtpdraft import load
 from mtpdraft.config import SamplingParams
 from mtpdraft.decoding.engine import generate
 from mtpdraft.drafters.mtp import MTPDrafter
-from mtpdraft.train.data import encode_prompt, load_prompts, split_sets, uses_chat
+from mtpdraft.train.data import encode_prompt, uses_chat
 from mtpdraft.train.features import compute_features
 from mtpdraft.train.model import _lin, head_candidates, output_table, unrolled
 from mtpdraft.train.train import TrainConfig
@@ -73,12 +73,12 @@ def main() -> None:
         ap.error("--temperature must be > 0")
     model, tok = load(a.model, a.dtype)
     cfg = TrainConfig()
-    train, val, evals = split_sets(load_prompts(), cfg.val_prompts_frac, cfg.eval_prompts_frac, cfg.seed)
+    train, val, evals = cfg.prompt_sets()
     rows = {"train": train, "validation": val, "eval": evals}[a.prompts][: a.limit]
     chat = uses_chat(tok, None)
     seqs = []
     for i, row in enumerate(rows):
-        ids = encode_prompt(tok, row["prompt"], chat, 96)
+        ids = encode_prompt(tok, row["prompt"], chat, cfg.max_prompt_tokens)
         out = list(generate(model, ids, SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                                        seed=i)))
         seqs.append(dict(id=i, source=row["id"], tokens=ids + out, prompt_len=len(ids), greedy_from=len(ids)))

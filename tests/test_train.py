@@ -378,7 +378,7 @@ def test_train_validation_eval_and_bench_prompts_share_no_passage():
     """The prompt sets: training, validation (every choice) and eval (the model card's
     figures), as `mtpdraft train` splits them, and the bench set of README/BENCHMARKS."""
     from mtpdraft.bench.prompts import load_prompts as load_bench
-    from mtpdraft.train.data import EXTRA_PROMPTS_FILE, load_prompts, shared_passages, split_sets
+    from mtpdraft.train.data import EXTRA_PROMPTS_FILE, load_prompts, shared_passages, split_sets, training_only
     from mtpdraft.train.train import TrainConfig
 
     cfg = TrainConfig()
@@ -394,10 +394,9 @@ def test_train_validation_eval_and_bench_prompts_share_no_passage():
     heldout = load_prompts(Path(__file__).parent.parent / "benchmarks" / "heldout_prompts.jsonl")
     assert len(heldout) >= 16 and shared_passages(prompts + bench, heldout) == []
     # the training-only broad set: nothing in common with any held-out set, no reused id
+    # (training_only raises otherwise, as `mtpdraft train` would)
     extra = load_prompts(EXTRA_PROMPTS_FILE)
-    assert len(extra) >= 500 and not {p["id"] for p in extra} & {p["id"] for p in prompts}
-    assert len({p["id"] for p in extra}) == len(extra)
-    assert shared_passages(extra, val + evals + bench + heldout) == []
+    assert len(extra) >= 500 and training_only(extra, prompts, val + evals + bench + heldout) == extra
 
 
 def test_extra_prompts_are_training_only_and_refused_when_they_leak():

@@ -140,6 +140,17 @@ class TrainConfig:
     # this size), yet faster in the real loop on the validation prompts, greedy and sampled
     top_k_tolerance: float = 0.02
 
+    def prompt_sets(self) -> tuple[list[dict], list[dict], list[dict]]:
+        """(train, validation, eval) as this run splits them: prompts_file (its first max_prompts)
+        split by category; extra_prompts_file's prompts join the training set only."""
+        prompts = load_prompts(self.prompts_file)
+        if self.max_prompts:
+            prompts = prompts[: self.max_prompts]
+        train, val, evals = split_sets(prompts, self.val_prompts_frac, self.eval_prompts_frac, self.seed)
+        if self.extra_prompts_file:
+            train = train + training_only(load_prompts(self.extra_prompts_file), prompts, val + evals)
+        return train, val, evals
+
     @classmethod
     def quick_config(cls, **kw) -> "TrainConfig":
         """A few minutes on a tiny model: small data, small drafter, short schedule."""
@@ -674,14 +685,7 @@ def run(cfg: TrainConfig) -> dict:
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    prompts = load_prompts(cfg.prompts_file)
-    if cfg.max_prompts:
-        prompts = prompts[: cfg.max_prompts]
-    train_prompts, val_prompts, eval_prompts = split_sets(prompts, cfg.val_prompts_frac, cfg.eval_prompts_frac,
-                                                          cfg.seed)
-    if cfg.extra_prompts_file:
-        train_prompts = train_prompts + training_only(load_prompts(cfg.extra_prompts_file), prompts,
-                                                      val_prompts + eval_prompts)
+    train_prompts, val_prompts, eval_prompts = cfg.prompt_sets()
     (out / "split.json").write_text(json.dumps({"train": [p["id"] for p in train_prompts],
                                                 "validation": [p["id"] for p in val_prompts],
                                                 "eval": [p["id"] for p in eval_prompts]}, indent=1))
