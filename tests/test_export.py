@@ -173,6 +173,8 @@ def test_export_refusals_name_the_difference(targets, tmp_path):
         to_gemma4_assistant(mtp_drafter(uniform, layer_types=["full_attention", "sliding_attention"]), uniform)
     with pytest.raises(ValueError, match="tie_output_to_target"):
         to_gemma4_assistant(mtp_drafter(uniform, tie_output_to_target=True), uniform)
+    with pytest.raises(ValueError, match="input_embed_scale"):
+        to_gemma4_assistant(mtp_drafter(uniform, input_embed_scale=2.0), uniform)
     # the edge target's full layers have head_dim 32; an MTPDrafter's queries have one head_dim (16)
     with pytest.raises(ValueError, match="head_dim"):
         to_gemma4_assistant(mtp_drafter(edge), edge)

@@ -210,7 +210,8 @@ def test_native_drafting_step_is_the_python_step_bit_for_bit(tiny_dirs, tmp_path
     model, tok = mtpdraft.load(str(tiny_dirs[fam]), dtype)
     cfg = MTPConfig.for_target(model, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                layer_types=["sliding_attention", "full_attention"], num_centroids=16,
-                               centroid_intermediate_top_k=4, tie_output_to_target=tie)
+                               centroid_intermediate_top_k=4, tie_output_to_target=tie,
+                               input_embed_scale=4.0)  # both paths must apply it (times the family's own)
     d = MTPDrafter.random(cfg, seed=1, std=0.3).to_dtype(model.dtype)
     d.masked_embedding.token_ordering.copy_(torch.randperm(cfg.vocab_size, generator=torch.Generator().manual_seed(2)))
     native = d.native_step(model)

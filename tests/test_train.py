@@ -226,6 +226,8 @@ def test_train_quick_end_to_end(tiny, tmp_path, one_thread, monkeypatch):
         return ship(cfg, tmp_path / dest)
 
     assert not decide({"ngram": 9.0, "combined": 5.0}, "none") and not (tmp_path / "none").exists()
+    # plain decoding is a candidate too: nothing to ship when it beats every drafter
+    assert not decide({"plain": 9.0, "ngram": 5.0, "combined": 6.0}, "none") and not (tmp_path / "none").exists()
     assert decide({"ngram": 5.0, "combined": 9.0, "mtp": 7.0}, "comb")
     assert json.loads((tmp_path / "comb" / "auto.json").read_text())["drafter"] == "combined"
     card = (tmp_path / "comb" / "README.md").read_text()
@@ -256,6 +258,12 @@ def test_train_quick_end_to_end(tiny, tmp_path, one_thread, monkeypatch):
     auto = json.loads((tmp_path / "both" / "auto.json").read_text())
     assert auto["drafter"] == "combined" and auto["sampled"]["drafter"] == "ngram"
     assert f"temperature {cfg.sampled_temperature}" in (tmp_path / "both" / "README.md").read_text()
+    for n, r in doctored["configs"].items():  # sampled: plain decoding fastest -> no draft there
+        r["decode_tokens_per_s"] = 9.0 if n == "plain" else 1.0
+    (out / "select_sampled.json").write_text(json.dumps(doctored))
+    assert decide({"ngram": 5.0, "combined": 9.0, "mtp": 7.0}, "plain_sampled")
+    auto = json.loads((tmp_path / "plain_sampled" / "auto.json").read_text())
+    assert auto["drafter"] == "combined" and auto["sampled"]["drafter"] == "none"
 
 
 def test_auto_runs_its_sampled_variant_at_temperature(tiny, one_thread, tmp_path, monkeypatch):
@@ -287,6 +295,19 @@ def test_auto_runs_its_sampled_variant_at_temperature(tiny, one_thread, tmp_path
     ids = tok("abcabcabc hello").input_ids
     sp = SamplingParams(max_new_tokens=30)
     assert list(generate(model, ids, sp, drafter=auto, spec=SpecParams(draft_len=4))) == list(generate(model, ids, sp))
+    # "none": no draft at that temperature (plain decoding measured fastest there)
+    (dest / "auto.json").write_text(json.dumps({"drafter": "combined", "sampled": {"drafter": "none"}}))
+    auto = make_drafter("auto", model, "tiny")
+    ctx = DraftContext(toks, out.hidden[0, -1], model, cache, sampling=SamplingParams(temperature=0.7))
+    assert auto.sampled is None and auto.propose(ctx, 4).tokens == [] and auto.last is None
+    auto.observe(0, 0)
+    ctx = DraftContext(toks, out.hidden[0, -1], model, cache, sampling=SamplingParams())
+    assert auto.propose(ctx, 4).tokens == [7, 8, 9, 5]
+    sp_t = SamplingParams(max_new_tokens=30, temperature=0.7, seed=3)
+    assert list(generate(model, ids, sp_t, drafter=auto, spec=SpecParams(draft_len=4))) == \
+        list(generate(model, ids, sp_t))  # no draft: the plain sampled path, token for token
+    (dest / "auto.json").write_text(json.dumps({"drafter": "none", "sampled": {"drafter": "none"}}))
+    assert make_drafter("auto", model, "tiny") is None
     (dest / "auto.json").write_text(json.dumps({"drafter": "combined", "sampled": {"drafter": "eagle"}}))
     with pytest.raises(ValueError, match="unknown drafter 'eagle'"):
         make_drafter("auto", model, "tiny")
@@ -510,3 +531,39 @@ def test_data_file_is_teacher_forced_and_labelled_by_the_target(tiny, tmp_path, 
             file_sequences(cfg, tok, 0)
     with pytest.raises(FileNotFoundError, match="no such file"):
         file_sequences(TrainConfig(data_file=str(tmp_path / "missing.jsonl")), tok, 0)
+
+
+def test_input_embed_scale_is_chosen_per_target_and_applied(tiny, tmp_path, one_thread):
+    """auto: the power of two bringing the target's embedding RMS nearest 1 (a Llama-family
+    table of RMS ~0.02 gets 32, not Gemma's scaled one); scaling the embedding by s is the
+    same drafter as multiplying pre_projection's embedding half by s; not a power of two: refused."""
+    from mtpdraft.drafters.mtp import MTPConfig
+    from mtpdraft.train.train import TrainConfig, auto_embed_scale, drafter_settings
+
+    _, gemma, _ = tiny
+    llama, _ = load(str(tiny_model_dir(tmp_path / "llama", "llama")), "fp32")
+    for model in (gemma, llama):
+        s = auto_embed_scale(model)
+        rows = model.embed(torch.arange(model.args.vocab_size)[None]).float()
+        assert 2 ** -0.5 <= float(rows.pow(2).mean().sqrt()) * s <= 2 ** 0.5
+        assert drafter_settings(model, TrainConfig())["input_embed_scale"] == s
+    assert drafter_settings(llama, TrainConfig(input_embed_scale=2.0))["input_embed_scale"] == 2.0
+    assert auto_embed_scale(llama) > 1  # its table is small: the scale is not a no-op
+
+    d1 = _randomized(llama, ["full_attention"])
+    d8 = new_drafter(llama, dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                 layer_types=["full_attention"], num_centroids=32, centroid_intermediate_top_k=8,
+                                 tie_output_to_target=True, input_embed_scale=8.0), 0)
+    d8.load_state_dict(d1.state_dict())
+    tokens, pos = torch.tensor([[5, 9, 11]]), torch.arange(3)[None]
+    h = torch.randn(1, 3, llama.args.hidden_size, generator=torch.Generator().manual_seed(0))
+    srcs = d1.source_attentions(llama)
+    attend = lambda j, q, window: q  # noqa: E731  (any fixed function of q: the embedding path is what differs)
+    with torch.no_grad():
+        unscaled = d1.states(llama, tokens, h, pos, srcs, attend)[1]
+        d1.pre_projection.weight[:, :llama.args.hidden_size] *= 8
+        a, b = d1.states(llama, tokens, h, pos, srcs, attend)[1], d8.states(llama, tokens, h, pos, srcs, attend)[1]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(unscaled, b, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="not a power of two"):
+        MTPConfig.for_target(llama, input_embed_scale=3.0)

@@ -48,6 +48,8 @@ def make_drafter(spec: str, target: CausalLM, model_name: str = "", min_confiden
         if "sampled" not in auto:
             return greedy
         sampled = _auto_variant(auto["sampled"], source, min_confidence, path)
+        if greedy is None and sampled is None:
+            return None
         return ByTemperature(greedy, sampled, max_sampled_len=auto["sampled"].get("draft_len"))
     path = Path(spec)
     if not path.is_dir():
@@ -55,14 +57,16 @@ def make_drafter(spec: str, target: CausalLM, model_name: str = "", min_confiden
     return _load_source(path, target, min_confidence)
 
 
-def _auto_variant(cfg: dict, source: MTPDraftSource, min_confidence: float, path: Path) -> Drafter:
+def _auto_variant(cfg: dict, source: MTPDraftSource, min_confidence: float, path: Path) -> Drafter | None:
     """One of auto.json's variants: mtp | combined (with its gate, n-gram match length and MTP
-    draft cap) | ngram; `source` is shared."""
+    draft cap) | ngram | none (no draft: plain decoding measured fastest); `source` is shared."""
     kind = cfg.get("drafter", "combined")
     if kind == "ngram":
         return NgramDrafter()
+    if kind == "none":
+        return None
     if kind not in ("combined", "mtp"):
-        raise ValueError(f"{path / 'auto.json'}: unknown drafter {kind!r} (combined, mtp or ngram)")
+        raise ValueError(f"{path / 'auto.json'}: unknown drafter {kind!r} (combined, mtp, ngram or none)")
     gated = MTPDraftSource(source.drafter, min_confidence or float(cfg.get("min_confidence", 0.0)))
     if kind == "mtp":
         return gated

@@ -55,9 +55,10 @@ class CombinedDrafter:
 class ByTemperature:
     """`auto` when its greedy and sampled choices differ: one drafter for greedy requests,
     another (at most `max_sampled_len` tokens a round) for temperature > 0. A request keeps
-    its temperature, so each request sees one of them throughout."""
+    its temperature, so each request sees one of them throughout. None: no draft at that
+    temperature (plain decoding measured fastest there)."""
 
-    def __init__(self, greedy: Drafter, sampled: Drafter, max_sampled_len: int | None = None):
+    def __init__(self, greedy: Drafter | None, sampled: Drafter | None, max_sampled_len: int | None = None):
         if max_sampled_len is not None and max_sampled_len < 1:
             raise ValueError(f"max_sampled_len must be >= 1, got {max_sampled_len}")
         self.greedy, self.sampled, self.max_sampled_len = greedy, sampled, max_sampled_len
@@ -66,6 +67,8 @@ class ByTemperature:
     def propose(self, ctx: DraftContext, k: int) -> Draft:
         sampled = ctx.sampling is not None and not ctx.sampling.greedy
         self.last = self.sampled if sampled else self.greedy
+        if self.last is None:
+            return Draft([])
         if sampled and self.max_sampled_len:
             k = min(k, self.max_sampled_len)
         return self.last.propose(ctx, k)

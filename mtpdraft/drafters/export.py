@@ -154,6 +154,9 @@ def to_gemma4_assistant(d: MTPDrafter, target: CausalLM) -> Gemma4AssistantDraft
                 f"last verified position, the official one past it; folding the shift into q_proj needs layer {i}'s "
                 f"q_norm weights equal within each RoPE pair, and they differ). Train a "
                 f"mtpdraft.drafters.export.new_gemma4_assistant drafter instead")
+    if c.input_embed_scale != 1.0:
+        raise ValueError(f"cannot express in gemma4_assistant: input_embed_scale {c.input_embed_scale} (the official "
+                         f"drafter reads the target's embedding as it is)")
     windows = [at.window for at in srcs if at.window]
     if any(t == "sliding_attention" for t in c.layer_types) and a.sliding_window < 2:
         raise ValueError(f"cannot express in gemma4_assistant: sliding window {a.sliding_window} (needs >= 2)")

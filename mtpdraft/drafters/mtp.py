@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +51,10 @@ class MTPConfig:
     # True: no output table of its own; the head is the target's (head_weight, V x D), read
     # by h' (the post-projected state, width D), and so are the centroids (C x D)
     tie_output_to_target: bool = False
+    # multiplies the target's input embedding before pre_projection (a power of two, so the
+    # product is exact in any order): Llama-family embeddings are ~20x smaller than their
+    # normed hidden state (RMS ~0.1 vs ~2 in SmolLM2), Gemma's are scaled to ~1
+    input_embed_scale: float = 1.0
     model_type: str = "mtpdraft_mtp"
 
     def __post_init__(self):
@@ -60,6 +65,8 @@ class MTPConfig:
             raise ValueError(f"unknown layer types {bad}")
         if self.use_ordered_embeddings and self.vocab_size % self.num_centroids:
             raise ValueError(f"vocab_size {self.vocab_size} is not a multiple of num_centroids {self.num_centroids}")
+        if not (self.input_embed_scale > 0 and math.frexp(self.input_embed_scale)[0] == 0.5):
+            raise ValueError(f"input_embed_scale {self.input_embed_scale} is not a power of two")
 
     @classmethod
     def read(cls, path: str | Path) -> "MTPConfig":
@@ -263,6 +270,8 @@ class MTPDrafter(nn.Module):
         norm, h' [B, T, D])."""
         with torch.no_grad():
             e = target.embed(tokens)
+            if self.config.input_embed_scale != 1.0:
+                e = e * self.config.input_embed_scale
         x = _lin(torch.cat([e, h.float()], -1), self.pre_projection)
         for j, (layer, src) in enumerate(zip(self.model.layers, srcs)):
             x = layer(x, positions, src, functools.partial(attend, j))
@@ -329,7 +338,7 @@ class MTPDrafter(nn.Module):
                 mlp_offset=post_ff.offset, inv_freq=src.inv_freq, scale=float(src.scale), heads=at.heads,
                 head_dim=at.head_dim, window=int(src.window)))
         return kernels.draft_step(
-            target.embed_table, target.embed_scale, kernels.pack(self.pre_projection.weight),
+            target.embed_table, target.embed_scale * c.input_embed_scale, kernels.pack(self.pre_projection.weight),
             kernels.pack(self.post_projection.weight), kernels.pack(self.masked_embedding.centroids.weight),
             self.model.norm.weight, self.model.norm.eps, self.model.norm.offset, c.tie_output_to_target,
             self.masked_embedding.token_ordering.view(c.num_centroids, -1), c.centroid_intermediate_top_k,

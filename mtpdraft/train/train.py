@@ -100,6 +100,9 @@ class TrainConfig:
     num_centroids: int = 0  # 0 = auto (2048 for big vocabularies, vocab/16 for tiny ones)
     centroid_top_k: int = 0  # 0 = auto (32, at most a quarter of the clusters)
     tie_output_to_target: bool = True  # the head is the target's own table, read by h'
+    # the drafter's factor on the target's input embedding (a power of two; 0 = auto: the one
+    # bringing the embedding's RMS nearest 1, so the token is not drowned by the hidden state)
+    input_embed_scale: float = 0.0
     # start from this drafter's weights (a drafter directory; its architecture replaces the
     # settings above): continue training a shipped drafter, e.g. with distill_weight > 0.
     # Its run's "untrained" copy is then this drafter, so `--ship` needs a gain over it.
@@ -189,10 +192,19 @@ def _auto_clusters(vocab: int, cfg: TrainConfig) -> tuple[int, int]:
     return c, k
 
 
+def auto_embed_scale(target) -> float:
+    """The power of two that brings the RMS of the target's input embeddings nearest 1
+    (1 for Gemma, whose embeddings are scaled by sqrt(D); 8 for SmolLM2, RMS ~0.1)."""
+    V = target.args.vocab_size
+    rows = torch.arange(0, V, max(1, V // 4096))
+    rms = float(target.embed(rows[None]).float().pow(2).mean().sqrt())
+    return 2.0 ** round(-math.log2(rms)) if rms > 0 else 1.0
+
+
 def drafter_settings(target, cfg: TrainConfig) -> dict:
     c, k = _auto_clusters(target.args.vocab_size, cfg)
     kv = target.args.num_key_value_heads
-    return dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+    return dict(input_embed_scale=cfg.input_embed_scale or auto_embed_scale(target),hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                 num_attention_heads=-(-cfg.num_attention_heads // kv) * kv,  # a multiple of the target's KV heads
                 layer_types=list(cfg.layer_types), use_ordered_embeddings=target.args.vocab_size % c == 0,
                 num_centroids=c, centroid_intermediate_top_k=k, tie_output_to_target=cfg.tie_output_to_target)
@@ -627,10 +639,10 @@ def tune_top_k(cfg: TrainConfig, target, val: Features) -> dict:
 
 # -- stage 4 --------------------------------------------------------------------------------
 def chosen_variant(select: dict) -> str:
-    """What `--drafter auto` runs: of MTP alone, prompt lookup alone and the combined
-    variants, the fastest on the validation prompts."""
+    """What `--drafter auto` runs: of plain decoding (no draft), MTP alone, prompt lookup
+    alone and the combined variants, the fastest on the validation prompts."""
     c = select["configs"]
-    return max((n for n in c if n in ("mtp", "ngram") or n.startswith(("combined", "fallback"))),
+    return max((n for n in c if n in ("plain", "mtp", "ngram") or n.startswith(("combined", "fallback"))),
                key=lambda n: c[n]["decode_tokens_per_s"])
 
 
@@ -737,9 +749,9 @@ def ship(cfg: TrainConfig, dest: str | Path) -> bool:
         _log(f"not shipped: validation tau {c['mtp']['tau']} <= untrained {c['mtp_untrained']['tau']}")
         return False
     best = chosen_variant(sel)
-    if best == "ngram":
-        _log(f"not shipped: on validation prompt lookup alone ({c['ngram']['decode_tokens_per_s']} tok/s) "
-             f"is faster than every variant with the drafter")
+    if best in ("ngram", "plain"):
+        _log(f"not shipped: on validation {'prompt lookup alone' if best == 'ngram' else 'plain decoding'} "
+             f"({c[best]['decode_tokens_per_s']} tok/s) is faster than every variant with the drafter")
         return False
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -757,7 +769,9 @@ def ship(cfg: TrainConfig, dest: str | Path) -> bool:
 
 
 def auto_variant(name: str, min_match: int) -> dict:
-    """auto.json's entry for a variant name of the evaluation: mtp | ngram | combined[@gate] | fallback:L."""
+    """auto.json's entry for a variant name of the evaluation: plain | mtp | ngram | combined[@gate] | fallback:L."""
+    if name == "plain":
+        return {"drafter": "none", "chosen_from": name}
     if name.startswith("fallback:"):
         return {"drafter": "combined", "min_confidence": 0.0, "min_match": FALLBACK_MIN_MATCH,
                 "mtp_len": int(name.partition(":")[2]),
@@ -783,6 +797,8 @@ def model_card(cfg: TrainConfig, ev: dict, sel: dict) -> str:
     data = json.loads((out / "data" / "DONE.json").read_text())
     tl = json.loads((out / "train_log.json").read_text())
     dcfg = json.loads((out / "drafter" / "config.json").read_text())
+    scale = dcfg.get("input_embed_scale", 1.0)
+    scaled = f" x {scale:g}" if scale != 1.0 else ""
     rows = []
     for n, r in ev["configs"].items():
         acc = ", ".join(f"{a:.2f}" for a in r["acceptance_by_position"]) or "-"
@@ -831,7 +847,7 @@ trained by `mtpdraft train` on text the target wrote itself. Load it with
 ## Architecture
 - {len(dcfg['layer_types'])} query-only layer(s) ({', '.join(dcfg['layer_types'])}), width {dcfg['hidden_size']},
   MLP {dcfg['intermediate_size']}, {dcfg['num_attention_heads']} query heads over the target's cached K/V
-  (no cache of its own); input: [target embedding of the last token, last hidden state].
+  (no cache of its own); input: [target embedding of the last token{scaled}, last hidden state].
 - Output head: the target's own output embeddings (`tie_output_to_target`), read by the
   post-projected state h' (width {dcfg['backbone_hidden_size']}); clustered: {dcfg['num_centroids']} equal clusters
   of the target's output-embedding rows (balanced recursive bisection), the top
