@@ -141,3 +141,25 @@ def test_cli_generate_json():
     assert isinstance(d["text"], str) and d["text"]
     for key in ("tokens_per_s", "mean_accepted_tokens", "acceptance_by_position", "cycles"):
         assert key in d
+
+
+def test_smollm2_auto_identical_to_plain_on_chat_prompts():
+    """The bundled SmolLM2 with its shipped drafter (`auto`: MTP + prompt lookup, greedy;
+    no draft when sampling), prompts through its chat template as `--chat` and the bench send them."""
+    from mtpdraft.config import Stats
+    from mtpdraft.drafters import ByTemperature
+    from mtpdraft.drafters.combined import CombinedDrafter
+    from mtpdraft.train.data import encode_prompt
+
+    model, tok = mtpdraft.load("smollm2-135m-instruct")
+    auto = make_drafter("auto", model, "smollm2-135m-instruct")
+    assert isinstance(auto, ByTemperature) and isinstance(auto.greedy, CombinedDrafter) and auto.sampled is None
+    mismatches, stats = [], Stats()
+    sp = SamplingParams(max_new_tokens=96)
+    for p in PROMPTS[:12]:
+        ids = encode_prompt(tok, p, True, 96)
+        if list(generate(model, ids, sp, drafter=auto, spec=SpecParams(draft_len=6), stats=stats)) != \
+                list(generate(model, ids, sp)):
+            mismatches.append(p)
+    assert not mismatches
+    assert stats.decode_tokens > 1.2 * stats.cycles  # drafts were proposed and accepted
