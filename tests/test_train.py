@@ -567,3 +567,14 @@ def test_input_embed_scale_is_chosen_per_target_and_applied(tiny, tmp_path, one_
     assert not torch.allclose(unscaled, b, rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="not a power of two"):
         MTPConfig.for_target(llama, input_embed_scale=3.0)
+    # a resumed run keeps the scale its untrained copy was made with (a checkpoint holds tensors only)
+    from mtpdraft.train.train import initial_drafter
+
+    run = tmp_path / "run"
+    d8.config.input_embed_scale = 2.0  # not the auto value (8 for this table)
+    d8.save(run / "untrained")
+    small = dict(hidden_size=32, intermediate_size=64, num_centroids=32, centroid_top_k=8)
+    assert auto_embed_scale(llama) != 2.0
+    assert initial_drafter(TrainConfig(out=str(run), **small), llama).config.input_embed_scale == 2.0
+    assert initial_drafter(TrainConfig(out=str(tmp_path / "fresh"), **small), llama).config.input_embed_scale == \
+        auto_embed_scale(llama)

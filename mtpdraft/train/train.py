@@ -204,7 +204,8 @@ def auto_embed_scale(target) -> float:
 def drafter_settings(target, cfg: TrainConfig) -> dict:
     c, k = _auto_clusters(target.args.vocab_size, cfg)
     kv = target.args.num_key_value_heads
-    return dict(input_embed_scale=cfg.input_embed_scale or auto_embed_scale(target),hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+    return dict(input_embed_scale=cfg.input_embed_scale or auto_embed_scale(target),
+                hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                 num_attention_heads=-(-cfg.num_attention_heads // kv) * kv,  # a multiple of the target's KV heads
                 layer_types=list(cfg.layer_types), use_ordered_embeddings=target.args.vocab_size % c == 0,
                 num_centroids=c, centroid_intermediate_top_k=k, tie_output_to_target=cfg.tie_output_to_target)
@@ -489,7 +490,11 @@ def run_layer_types(cfg: TrainConfig) -> list[str]:
 def initial_drafter(cfg: TrainConfig, target):
     """The drafter training starts from: fresh (TrainConfig's architecture) or init_from's, in fp32."""
     if not cfg.init_from:
-        return new_drafter(target, drafter_settings(target, cfg), cfg.seed)
+        settings = drafter_settings(target, cfg)
+        prev = Path(cfg.out) / "untrained" / "config.json"
+        if prev.exists():  # a resumed run keeps the scale it started with (not a tensor: loading a checkpoint cannot check it)
+            settings["input_embed_scale"] = json.loads(prev.read_text()).get("input_embed_scale", 1.0)
+        return new_drafter(target, settings, cfg.seed)
     from ..drafters.mtp import MTPDrafter
 
     d = MTPDrafter.load(cfg.init_from)  # fp32 (its stored bf16 matrices are exact in fp32)
@@ -815,7 +820,7 @@ def model_card(cfg: TrainConfig, ev: dict, sel: dict) -> str:
 ## Evaluation at temperature {ev_t['temperature']} (eval prompts, the drafter sampling from its own distribution)
 
 `auto`'s variant for sampled requests, chosen on the validation prompts at this temperature
-(`select_sampled.json`): {chosen_variant(sel_t)}.
+(`select_sampled.json`): {chosen_variant(sel_t)}{" (no draft: plain decoding was fastest)" if chosen_variant(sel_t) == "plain" else ""}.
 
 | drafter | prompts | tau | decode tok/s | vs plain |
 |---|---|---|---|---|
@@ -880,8 +885,8 @@ chosen on the validation prompts (`select.json` in the run directory).
 `combined` = n-gram lookup when it continues a match of >= {cfg.min_match} tokens, else this drafter;
 `combined@g` also ends an MTP draft at the first token whose probability is below g; `fallback:L` =
 n-gram lookup on any match, else an MTP draft of at most L tokens. `--drafter auto` runs whichever
-of MTP alone, prompt lookup alone and the combined variants was fastest on the validation prompts
-(settings in `auto.json`).
+of MTP alone, prompt lookup alone, the combined variants and plain decoding (no draft) was fastest
+on the validation prompts (settings in `auto.json`).
 Measured on a shared 2-core CPU; timings are noisy. Base-model greedy text loops a lot, which is
 where prompt lookup (n-gram) is hard to beat.
 {sampled}"""
