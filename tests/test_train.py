@@ -534,8 +534,8 @@ def test_data_file_is_teacher_forced_and_labelled_by_the_target(tiny, tmp_path, 
 
 
 def test_input_embed_scale_is_chosen_per_target_and_applied(tiny, tmp_path, one_thread):
-    """auto: the power of two bringing the target's embedding RMS nearest 1 (a Llama-family
-    table of RMS ~0.02 gets 32, not Gemma's scaled one); scaling the embedding by s is the
+    """auto: the power of two bringing the target's embedding RMS nearest 1 (the tiny Llama-family
+    table gets 8); scaling the embedding by s is the
     same drafter as multiplying pre_projection's embedding half by s; not a power of two: refused."""
     from mtpdraft.drafters.mtp import MTPConfig
     from mtpdraft.train.train import TrainConfig, auto_embed_scale, drafter_settings

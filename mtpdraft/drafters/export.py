@@ -154,9 +154,6 @@ def to_gemma4_assistant(d: MTPDrafter, target: CausalLM) -> Gemma4AssistantDraft
                 f"last verified position, the official one past it; folding the shift into q_proj needs layer {i}'s "
                 f"q_norm weights equal within each RoPE pair, and they differ). Train a "
                 f"mtpdraft.drafters.export.new_gemma4_assistant drafter instead")
-    if c.input_embed_scale != 1.0:
-        raise ValueError(f"cannot express in gemma4_assistant: input_embed_scale {c.input_embed_scale} (the official "
-                         f"drafter reads the target's embedding as it is)")
     windows = [at.window for at in srcs if at.window]
     if any(t == "sliding_attention" for t in c.layer_types) and a.sliding_window < 2:
         raise ValueError(f"cannot express in gemma4_assistant: sliding window {a.sliding_window} (needs >= 2)")
@@ -170,6 +167,7 @@ def to_gemma4_assistant(d: MTPDrafter, target: CausalLM) -> Gemma4AssistantDraft
                     num_key_value_heads=1, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                     num_attention_heads=c.num_attention_heads, layer_types=list(c.layer_types),
                     rms_norm_eps=c.rms_norm_eps, use_ordered_embeddings=c.use_ordered_embeddings,
+                    input_embed_scale=c.input_embed_scale,  # refused by Gemma4AssistantDrafter unless 1
                     num_centroids=c.num_centroids, centroid_intermediate_top_k=c.centroid_intermediate_top_k)
     out = Gemma4AssistantDrafter(cfg, text)
     src, sd = d.state_dict(), {}

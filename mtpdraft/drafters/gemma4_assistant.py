@@ -78,8 +78,8 @@ class Gemma4AssistantDrafter(MTPDrafter):
 
     def __init__(self, config: MTPConfig, text: gemma4.ModelArgs):
         if config.input_embed_scale != 1.0:  # the official layout has no such field: save() would drop it
-            raise ValueError(f"a gemma4_assistant drafter reads the target's embedding as it is "
-                             f"(input_embed_scale {config.input_embed_scale})")
+            raise ValueError(f"cannot express in gemma4_assistant: input_embed_scale {config.input_embed_scale} "
+                             f"(the official drafter reads the target's embedding as it is)")
         super().__init__(config)
         self.text = text
         dims = {t: d for t, d in zip(text.layer_types, text.layer_head_dims)}

@@ -489,13 +489,14 @@ def run_layer_types(cfg: TrainConfig) -> list[str]:
 
 def initial_drafter(cfg: TrainConfig, target):
     """The drafter training starts from: fresh (TrainConfig's architecture) or init_from's, in fp32."""
+    from ..drafters.mtp import MTPConfig, MTPDrafter
+
     if not cfg.init_from:
         settings = drafter_settings(target, cfg)
-        prev = Path(cfg.out) / "untrained" / "config.json"
-        if prev.exists():  # a resumed run keeps the scale it started with (not a tensor: loading a checkpoint cannot check it)
-            settings["input_embed_scale"] = json.loads(prev.read_text()).get("input_embed_scale", 1.0)
+        prev = Path(cfg.out) / "untrained"
+        if (prev / "config.json").exists():  # a resumed run keeps the scale it started with (a checkpoint holds tensors only)
+            settings["input_embed_scale"] = MTPConfig.read(prev).input_embed_scale
         return new_drafter(target, settings, cfg.seed)
-    from ..drafters.mtp import MTPDrafter
 
     d = MTPDrafter.load(cfg.init_from)  # fp32 (its stored bf16 matrices are exact in fp32)
     d.check_target(target)
@@ -814,13 +815,14 @@ def model_card(cfg: TrainConfig, ev: dict, sel: dict) -> str:
     if (out / "eval_sampled.json").exists():
         ev_t = json.loads((out / "eval_sampled.json").read_text())
         sel_t = json.loads((out / "select_sampled.json").read_text())
+        best_t = chosen_variant(sel_t)
         rows_t = [f"| {n} | {r['prompts']} | {r['tau']:.2f} | {r['decode_tokens_per_s']:.1f} | "
                   f"{r.get('speedup_vs_plain', 1.0):.2f} |" for n, r in ev_t["configs"].items()]
         sampled = f"""
 ## Evaluation at temperature {ev_t['temperature']} (eval prompts, the drafter sampling from its own distribution)
 
 `auto`'s variant for sampled requests, chosen on the validation prompts at this temperature
-(`select_sampled.json`): {chosen_variant(sel_t)}{" (no draft: plain decoding was fastest)" if chosen_variant(sel_t) == "plain" else ""}.
+(`select_sampled.json`): {best_t}{" (no draft: plain decoding was fastest)" if best_t == "plain" else ""}.
 
 | drafter | prompts | tau | decode tok/s | vs plain |
 |---|---|---|---|---|
