@@ -103,6 +103,8 @@ ATTN_CASES = [
     (1, 7, 9, 3, 64, 32, 32, 50.0, [100]),  # full window = capacity, wrap, softcap
     (2, 3, 4, 2, 24, 30, 0, 30.0, [0, 20]),  # D not multiple of 8
     (1, 17, 4, 1, 256, 512, 128, 0.0, [300]),
+    (1, 7, 9, 3, 64, 256, 0, 0.0, [200]),  # SmolLM2's heads, a verification step
+    (3, 1, 8, 2, 32, 64, 0, 0.0, [5, 40, 63]),  # several rows, one query each
 ]
 
 
@@ -133,6 +135,14 @@ def test_attention_row_invariant(dtype, case):
         for n in (1, 2, N):
             part = K.attention(q[b : b + 1, :n], kc[b : b + 1], vc[b : b + 1], pos[b : b + 1, :n], **kw)
             assert torch.equal(part[0], full[b, :n])
+    # nor on the thread count (it decides how queries and heads are split into tasks)
+    old = torch.get_num_threads()
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            assert torch.equal(K.attention(q, kc, vc, pos, **kw), full), t
+    finally:
+        torch.set_num_threads(old)
     # other rows' contents do not matter
     q2 = q.clone()
     q2[:, 1:] = torch.randn_like(q2[:, 1:]) * 10

@@ -527,6 +527,46 @@ inline void pv_heads(const float* const* prow, int64_t L, const KT* const* vrows
 }
 
 
+// How attention_impl splits its work: query rows into qsplit blocks and each kv head's G
+// query heads into hsplit blocks. at::parallel_for hands each thread one contiguous run of
+// tasks, so with fewer (b, kv head) pairs than ~4 per thread it simulates those runs and
+// takes the split whose busiest thread has the least work (a task costs its query rows x
+// heads, plus half a unit for reading its keys and values). E.g. SmolLM2 (3 kv heads), 2
+// threads, 7 rows: 3 tasks ran as 2 + 1; 6 tasks of up to 4 rows run as ~11 + 10 row-heads.
+// The split never changes any output's arithmetic.
+inline void attention_split(int64_t B, int64_t N, int64_t Hkv, int64_t G, int64_t nth, int64_t& qsplit,
+                            int64_t& hsplit) {
+  qsplit = hsplit = 1;
+  if (nth <= 1 || B * Hkv >= 4 * nth) return;
+  double best = -1.0;
+  int64_t best_tasks = 0;
+  for (int64_t qs = 1; qs <= std::min<int64_t>(N, 4 * nth); ++qs) {
+    const int64_t QB = (N + qs - 1) / qs, qn = (N + QB - 1) / QB;
+    if (qn != qs) continue;  // the same blocks as a smaller qs
+    for (int64_t hs = 1; hs <= G; ++hs) {
+      const int64_t HB = (G + hs - 1) / hs, hn = (G + HB - 1) / HB;
+      if (hn != hs) continue;
+      const int64_t tasks = B * Hkv * qn * hn, used = std::min(nth, tasks), chunk = (tasks + used - 1) / used;
+      double worst = 0.0, cur = 0.0;
+      for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t h = t % hn, q = (t / hn) % qn;
+        const int64_t nq = std::min(N, (q + 1) * QB) - q * QB, nh = std::min(G, (h + 1) * HB) - h * HB;
+        cur += static_cast<double>(nq * nh) + 0.5;
+        if ((t + 1) % chunk == 0 || t + 1 == tasks) {
+          worst = std::max(worst, cur);
+          cur = 0.0;
+        }
+      }
+      if (best < 0.0 || worst < best || (worst == best && tasks < best_tasks)) {
+        best = worst;
+        best_tasks = tasks;
+        qsplit = qn;
+        hsplit = hn;
+      }
+    }
+  }
+}
+
 // One task = (batch b, kv head g, a sub-range of its query heads, a block of query rows).
 // Keys/values are read once per task for all its queries.  For each query the
 // arithmetic is fixed: logits in increasing key position (8-lane FMA dot, fixed
@@ -538,16 +578,10 @@ void attention_impl(const float* q, const KT* kc, const KT* vc, const int64_t* p
                     int64_t window, float scale, float softcap) {
   const int64_t G = H / Hkv;
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
-  int64_t qsplit = 1, hsplit = 1;
-  while (B * Hkv * qsplit * hsplit < nth) {
-    if (qsplit < N) ++qsplit;
-    else if (hsplit < G) ++hsplit;
-    else break;
-  }
+  int64_t qsplit, hsplit;
+  attention_split(B, N, Hkv, G, nth, qsplit, hsplit);
   const int64_t QB = (N + qsplit - 1) / qsplit;
   const int64_t HB = (G + hsplit - 1) / hsplit;
-  qsplit = (N + QB - 1) / QB;
-  hsplit = (G + HB - 1) / HB;
   const int64_t ntasks = B * Hkv * qsplit * hsplit;
   at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> logits, sums;
