@@ -144,6 +144,34 @@ def test_completion_matches_generate(srv, ref):
     assert r.model_extra["mtpdraft"]["proposed_by_position"] == []
 
 
+def test_speculative_flag_says_whether_the_request_drafted(srv, dirs, monkeypatch):
+    """The response extension's `speculative`: true when the request had a drafter; false when
+    it asked for none, and where `auto` drafts nothing at its temperature (SmolLM2's shipped
+    choice when sampling), although the server runs with a drafter."""
+    import mtpdraft.serve.engine as E
+    from mtpdraft.drafters import ByTemperature, NgramDrafter
+
+    c = srv.client()
+    r = c.completions.create(model="tiny-chat", prompt=PROMPTS[1], max_tokens=20, temperature=0)
+    assert r.model_extra["mtpdraft"]["speculative"] is True
+    r = c.completions.create(model="tiny-chat", prompt=PROMPTS[1], max_tokens=20, temperature=0,
+                             extra_body={"speculative": False})
+    assert r.model_extra["mtpdraft"]["speculative"] is False
+    monkeypatch.setattr(E, "make_drafter", lambda *a, **kw: ByTemperature(NgramDrafter(), None))
+    s = Server(dirs[1], max_batch=2)
+    try:
+        c = s.client()
+        r = c.completions.create(model="tiny-chat", prompt=PROMPTS[1], max_tokens=20, temperature=0,
+                                 extra_body={"ignore_eos": True})
+        ext = r.model_extra["mtpdraft"]
+        assert ext["speculative"] is True and sum(ext["proposed_by_position"]) > 0
+        r = c.completions.create(model="tiny-chat", prompt=PROMPTS[1], max_tokens=20, temperature=0.8, seed=4)
+        ext = r.model_extra["mtpdraft"]
+        assert ext["speculative"] is False and ext["proposed_by_position"] == []
+    finally:
+        s.stop()
+
+
 def test_concurrent_greedy_is_exact(srv, ref):
     """Requests decoded together in one batch return exactly their single-request tokens."""
     c = srv.client()

@@ -13,7 +13,7 @@ from mtpdraft import load
 from mtpdraft.config import SamplingParams, SpecParams, Stats
 from mtpdraft.decoding.engine import generate
 from mtpdraft.drafters import NgramDrafter, make_drafter
-from mtpdraft.drafters.combined import CombinedDrafter
+from mtpdraft.drafters.combined import CombinedDrafter, for_request
 from mtpdraft.testing import tiny_model_dir
 from mtpdraft.train.features import compute_features
 from mtpdraft.train.model import balanced_clusters, head_loss, cluster_of, new_drafter, source_layers, unrolled
@@ -304,8 +304,26 @@ def test_auto_runs_its_sampled_variant_at_temperature(tiny, one_thread, tmp_path
     ctx = DraftContext(toks, out.hidden[0, -1], model, cache, sampling=SamplingParams())
     assert auto.propose(ctx, 4).tokens == [7, 8, 9, 5]
     sp_t = SamplingParams(max_new_tokens=30, temperature=0.7, seed=3)
+    calls, propose = [], auto.propose
+    auto.propose = lambda ctx, k: calls.append(k) or propose(ctx, k)
     assert list(generate(model, ids, sp_t, drafter=auto, spec=SpecParams(draft_len=4))) == \
         list(generate(model, ids, sp_t))  # no draft: the plain sampled path, token for token
+    assert not calls  # the request got no drafter at all (not one proposing nothing)
+    assert list(generate(model, ids, sp, drafter=auto, spec=SpecParams(draft_len=4))) and calls
+    assert for_request(auto, sp_t) is None and for_request(auto, sp) is auto
+    # a greedy draft-length cap ("draft_len" beside the greedy variant); without a "sampled"
+    # entry the same variant and cap serve sampled requests
+    (dest / "auto.json").write_text(json.dumps({"drafter": "combined", "min_confidence": 0.0, "draft_len": 3}))
+    auto = make_drafter("auto", model, "tiny")
+    assert isinstance(auto, ByTemperature) and auto.greedy is auto.sampled
+    assert auto.propose(ctx, 4).tokens == [7, 8, 9]
+    ctx = DraftContext(toks, out.hidden[0, -1], model, cache, sampling=SamplingParams(temperature=0.7))
+    assert auto.propose(ctx, 4).tokens == [7, 8, 9]
+    assert list(generate(model, ids, sp, drafter=auto, spec=SpecParams(draft_len=6))) == list(generate(model, ids, sp))
+    for bad in (0, 33, "3", 2.5):
+        (dest / "auto.json").write_text(json.dumps({"drafter": "combined", "draft_len": bad}))
+        with pytest.raises(ValueError, match="draft_len must be an integer in 1..32"):
+            make_drafter("auto", model, "tiny")
     (dest / "auto.json").write_text(json.dumps({"drafter": "none", "sampled": {"drafter": "none"}}))
     assert make_drafter("auto", model, "tiny") is None
     (dest / "auto.json").write_text(json.dumps({"drafter": "combined", "sampled": {"drafter": "eagle"}}))

@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import kernels
 from ..models.base import CausalLM
 from .base import Draft, DraftContext, Drafter
-from .combined import ByTemperature, CombinedDrafter
+from .combined import ByTemperature, CombinedDrafter, for_request
 from .gemma4_assistant import is_gemma4_assistant, load_gemma4_assistant
 from .mtp import MTPConfig, MTPDrafter, MTPDraftSource
 from .ngram import NgramDrafter
@@ -45,16 +45,26 @@ def make_drafter(spec: str, target: CausalLM, model_name: str = "", min_confiden
         auto = json.loads((path / "auto.json").read_text()) if (path / "auto.json").is_file() else {}
         source = _load_source(path, target, 0.0)
         greedy = _auto_variant(auto, source, min_confidence, path)
-        if "sampled" not in auto:
+        greedy_len = _draft_len(auto, path)  # a cap on the request's draft length, chosen with the variant
+        if "sampled" not in auto and greedy_len is None:
             return greedy
-        sampled = _auto_variant(auto["sampled"], source, min_confidence, path)
+        samp = auto.get("sampled")
+        sampled = _auto_variant(samp, source, min_confidence, path) if samp else greedy
         if greedy is None and sampled is None:
             return None
-        return ByTemperature(greedy, sampled, max_sampled_len=auto["sampled"].get("draft_len"))
+        return ByTemperature(greedy, sampled, max_greedy_len=greedy_len,
+                             max_sampled_len=_draft_len(samp, path) if samp else greedy_len)
     path = Path(spec)
     if not path.is_dir():
         raise ValueError(f"unknown drafter {spec!r}: use none, auto, ngram or a drafter directory")
     return _load_source(path, target, min_confidence)
+
+
+def _draft_len(cfg: dict, path: Path) -> int | None:
+    v = cfg.get("draft_len")
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 32):
+        raise ValueError(f"{path / 'auto.json'}: draft_len must be an integer in 1..32, got {v!r}")
+    return v
 
 
 def _auto_variant(cfg: dict, source: MTPDraftSource, min_confidence: float, path: Path) -> Drafter | None:
@@ -85,4 +95,4 @@ def _load_source(path: Path, target: CausalLM, min_confidence: float) -> MTPDraf
 
 
 __all__ = ["Draft", "DraftContext", "Drafter", "MTPConfig", "MTPDrafter", "MTPDraftSource", "NgramDrafter",
-           "make_drafter", "shipped_drafter_dir"]
+           "for_request", "make_drafter", "shipped_drafter_dir"]

@@ -10,6 +10,7 @@ stays in sync. Lossless like any drafter: the target verifies.
 
 from __future__ import annotations
 
+from ..config import SamplingParams
 from .base import Draft, DraftContext, Drafter
 from .ngram import NgramDrafter
 
@@ -53,25 +54,32 @@ class CombinedDrafter:
 
 
 class ByTemperature:
-    """`auto` when its greedy and sampled choices differ: one drafter for greedy requests,
-    another (at most `max_sampled_len` tokens a round) for temperature > 0. A request keeps
-    its temperature, so each request sees one of them throughout. None: no draft at that
-    temperature (plain decoding measured fastest there)."""
+    """`auto` with settings per temperature: one drafter for greedy requests (at most
+    `max_greedy_len` tokens a round), another (at most `max_sampled_len`) for temperature > 0.
+    A request keeps its temperature, so each request sees one of them throughout. None: no
+    draft at that temperature (plain decoding measured fastest there; `for_request` then
+    gives the request no drafter at all)."""
 
-    def __init__(self, greedy: Drafter | None, sampled: Drafter | None, max_sampled_len: int | None = None):
-        if max_sampled_len is not None and max_sampled_len < 1:
-            raise ValueError(f"max_sampled_len must be >= 1, got {max_sampled_len}")
-        self.greedy, self.sampled, self.max_sampled_len = greedy, sampled, max_sampled_len
+    def __init__(self, greedy: Drafter | None, sampled: Drafter | None, max_sampled_len: int | None = None,
+                 max_greedy_len: int | None = None):
+        for name, v in (("max_greedy_len", max_greedy_len), ("max_sampled_len", max_sampled_len)):
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        self.greedy, self.sampled = greedy, sampled
+        self.max_greedy_len, self.max_sampled_len = max_greedy_len, max_sampled_len
         self.last: Drafter | None = None
 
+    def choice(self, sampling: SamplingParams | None) -> tuple[Drafter | None, int | None]:
+        """(drafter, draft length cap) for requests with these sampling settings."""
+        if sampling is not None and not sampling.greedy:
+            return self.sampled, self.max_sampled_len
+        return self.greedy, self.max_greedy_len
+
     def propose(self, ctx: DraftContext, k: int) -> Draft:
-        sampled = ctx.sampling is not None and not ctx.sampling.greedy
-        self.last = self.sampled if sampled else self.greedy
+        self.last, cap = self.choice(ctx.sampling)
         if self.last is None:
             return Draft([])
-        if sampled and self.max_sampled_len:
-            k = min(k, self.max_sampled_len)
-        return self.last.propose(ctx, k)
+        return self.last.propose(ctx, min(k, cap) if cap else k)
 
     def observe(self, accepted: int, proposed: int) -> None:
         if self.last is not None:
@@ -80,3 +88,11 @@ class ByTemperature:
     @property
     def rounds(self) -> dict:
         return getattr(self.last, "rounds", {})
+
+
+def for_request(drafter: Drafter | None, sampling: SamplingParams) -> Drafter | None:
+    """The drafter a request with these sampling settings decodes with: None where `auto`
+    drafts nothing at its temperature (the request is plain decoding, and says so)."""
+    if isinstance(drafter, ByTemperature) and drafter.choice(sampling)[0] is None:
+        return None
+    return drafter
