@@ -144,8 +144,9 @@ def test_cli_generate_json():
 
 
 def test_smollm2_auto_identical_to_plain_on_chat_prompts():
-    """The bundled SmolLM2 with its shipped drafter (`auto`: MTP + prompt lookup, greedy;
-    no draft when sampling), prompts through its chat template as `--chat` and the bench send them."""
+    """The bundled SmolLM2 with its shipped drafter (`auto`: prompt lookup, else a one-token MTP
+    draft; at most 2 tokens a round greedy, 1 sampled), prompts through its chat template as
+    `--chat` and the bench send them."""
     from mtpdraft.config import Stats
     from mtpdraft.drafters import ByTemperature
     from mtpdraft.drafters.combined import CombinedDrafter
@@ -153,7 +154,8 @@ def test_smollm2_auto_identical_to_plain_on_chat_prompts():
 
     model, tok = mtpdraft.load("smollm2-135m-instruct")
     auto = make_drafter("auto", model, "smollm2-135m-instruct")
-    assert isinstance(auto, ByTemperature) and isinstance(auto.greedy, CombinedDrafter) and auto.sampled is None
+    assert isinstance(auto, ByTemperature) and isinstance(auto.greedy, CombinedDrafter)
+    assert isinstance(auto.sampled, CombinedDrafter) and (auto.max_greedy_len, auto.max_sampled_len) == (2, 1)
     mismatches, stats = [], Stats()
     sp = SamplingParams(max_new_tokens=96)
     for p in PROMPTS[:12]:
@@ -163,3 +165,4 @@ def test_smollm2_auto_identical_to_plain_on_chat_prompts():
             mismatches.append(p)
     assert not mismatches
     assert stats.decode_tokens > 1.2 * stats.cycles  # drafts were proposed and accepted
+    assert len(stats.proposed_by_pos) == 2  # never more than auto.json's cap

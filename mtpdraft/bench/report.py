@@ -20,7 +20,8 @@ def markdown_report(r: dict) -> str:
         f"# mtpdraft bench: {r['model']} with drafter `{r['drafter']}`",
         "",
         f"- dtype {r['dtype']}, {r['num_prompts']} prompts, max {r['max_new_tokens']} new tokens, "
-        f"temperature {r['temperature']}, draft length {r.get('draft_len')}{' (adaptive)' if r.get('adaptive') else ''}",
+        f"temperature {r['temperature']}, draft length {r.get('draft_len')}{' (adaptive)' if r.get('adaptive') else ''}"
+        + (f" (auto.json caps it at {r['auto_draft_len_cap']})" if r.get("auto_draft_len_cap") else ""),
         f"- machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores ({m.get('torch_threads', '?')} torch threads), "
         f"torch {m.get('torch', '?')}, {m.get('date', '')}",
         f"- tokens/s: {r.get('tokens_per_s_definition', 'decode tokens / decode seconds')}",

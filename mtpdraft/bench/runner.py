@@ -148,7 +148,7 @@ def run_bench(model: str = DEFAULT_MODEL, drafter: str = "ngram", prompts: str |
     from .. import load
     from ..config import SamplingParams, SpecParams
     from ..decoding.engine import eos_ids_of
-    from ..drafters import make_drafter
+    from ..drafters import ByTemperature, make_drafter
 
     log = log or (lambda msg: print(f"mtpdraft bench: {msg}", file=sys.stderr, flush=True))
     compare = parse_compare(compare)
@@ -169,6 +169,8 @@ def run_bench(model: str = DEFAULT_MODEL, drafter: str = "ngram", prompts: str |
     load_s = time.perf_counter() - t_load
     if dr is None:
         log(f"drafter {drafter!r} resolves to none for {lm.name}: the speculative run is plain decoding")
+    # auto.json may cap the draft length at this temperature (chosen with its variant)
+    cap = dr.choice(sp)[1] if isinstance(dr, ByTemperature) else None
     eos = eos_ids_of(lm, tok)
 
     hf = llama = None
@@ -212,6 +214,7 @@ def run_bench(model: str = DEFAULT_MODEL, drafter: str = "ngram", prompts: str |
     result = {"model": lm.name, "drafter": drafter, "dtype": dtype, "weights": lm.weights_format,
               "num_prompts": len(records),
               "max_new_tokens": max_new_tokens, "temperature": temperature, "draft_len": spec.draft_len,
+              "auto_draft_len_cap": cap,
               "adaptive": adaptive, "seed": seed, "chat_template": has_chat_template(tok),
               "tokens_per_s_definition": "decode tokens / decode seconds summed over prompts and turns; "
                                          "the prefill and the token it produces are excluded",
