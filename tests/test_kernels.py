@@ -105,6 +105,9 @@ ATTN_CASES = [
     (1, 17, 4, 1, 256, 512, 128, 0.0, [300]),
     (1, 7, 9, 3, 64, 256, 0, 0.0, [200]),  # SmolLM2's heads, a verification step
     (3, 1, 8, 2, 32, 64, 0, 0.0, [5, 40, 63]),  # several rows, one query each
+    (1, 5, 5, 1, 72, 64, 9, 0.0, [30]),  # odd query vectors per pair, D % 16 = 8, short window
+    (1, 3, 2, 2, 20, 16, 0, 10.0, [2]),  # D < 16 with a tail, one head per kv head
+    (1, 40, 9, 3, 64, 512, 0, 0.0, [300]),  # a prefill chunk: long key ranges (16-wide exps)
 ]
 
 
@@ -154,6 +157,27 @@ def test_attention_row_invariant(dtype, case):
         vc2[1:] = 1
         full3 = K.attention(q, kc2, vc2, pos, **kw)
         assert torch.equal(full3[0], full[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ATTN_CASES)
+def test_attention_avx512_passes_give_the_avx2_bits(dtype, case):
+    """Where the CPU has AVX-512, attention runs its AVX-512 passes; they must give exactly the
+    AVX2 passes' bits (and so the same bits on either kind of CPU)."""
+    mod = K._load()
+    if mod is None or not mod._attention_avx512():
+        pytest.skip("no AVX-512 on this CPU: only the AVX2 passes run")
+    B, N, H, Hkv, D, C, window, softcap, starts = case
+    q, kc, vc, pos = _attn_inputs(7 + N, B, N, H, Hkv, D, C, dtype, starts)
+    kw = dict(window=window, scale=D**-0.5, softcap=softcap)
+    fast = K.attention(q, kc, vc, pos, **kw)
+    try:
+        mod._set_attention_avx512(0)
+        assert not mod._attention_avx512()
+        slow = K.attention(q, kc, vc, pos, **kw)
+    finally:
+        mod._set_attention_avx512(-1)
+    assert torch.equal(fast, slow)
 
 
 def test_attention_matches_reference_random_positions():
