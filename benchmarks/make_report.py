@@ -76,6 +76,12 @@ def main():
         rel = f"benchmarks/results/bench_{tag}.png"
         sections.append((f"`mtpdraft bench`, drafter {d} (greedy, default weights)", cmd,
                          Path(f"{OUT}/bench_{tag}.md").read_text() + f"\n![speedup per category]({rel})\n"))
+    if shipped_drafter_dir("smollm2-135m-instruct"):  # the chat model: prompts through its chat template
+        cmd, _ = run(cli + ["bench", "--model", "smollm2-135m-instruct", "--drafter", "auto", "--limit", limit,
+                            "--max-new-tokens", n, "--no-progress", "--json", f"{OUT}/bench_auto_smollm2.json",
+                            "--report", f"{OUT}/bench_auto_smollm2.md"])
+        sections.append(("`mtpdraft bench`, smollm2-135m-instruct, drafter auto (greedy, chat template, default weights)",
+                         cmd, Path(f"{OUT}/bench_auto_smollm2.md").read_text()))
     cmd, _ = run(cli + ["bench", "--model", "gemma-3-270m", "--drafter", "ngram", "--adaptive", "--limit", limit,
                         "--max-new-tokens", n, "--no-progress", "--json", f"{OUT}/bench_ngram_adaptive.json"])
     fixed = json.loads(Path(f"{OUT}/bench_ngram.json").read_text())
@@ -99,7 +105,7 @@ def main():
             f"- machine: {machine_info()['cpu']}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}",
             "- model: gemma-3-270m (bundled Q4_K_M GGUF); default weights = the file's own quantized blocks "
             "(Q8_0/Q5_0/Q4_K/Q6_K, activations quantized per row to int8 in blocks of 32, fp32 accumulation); "
-            "the bf16 sections dequantize them", ""]
+            "the bf16 sections dequantize them; one section runs smollm2-135m-instruct (bundled Q4_1/Q8_0 GGUF)", ""]
     body = []
     for title, cmd, text in sections:
         body += [f"## {title}", "", "```bash", cmd, "```", "", text.strip(), ""]
