@@ -180,6 +180,28 @@ def test_attention_avx512_passes_give_the_avx2_bits(dtype, case):
     assert torch.equal(fast, slow)
 
 
+def test_attention_avx512_passes_random_positions():
+    """Rows whose key ranges differ arbitrarily (random positions, several windows, ring wrap):
+    the AVX-512 passes' bits are still the AVX2 passes'."""
+    mod = K._load()
+    if mod is None or not mod._attention_avx512():
+        pytest.skip("no AVX-512 on this CPU: only the AVX2 passes run")
+    g = _gen(11)
+    B, N, H, Hkv, D, C = 2, 9, 6, 2, 40, 48
+    q = torch.randn(B, N, H, D, generator=g)
+    kc, vc = torch.randn(B, C, Hkv, D, generator=g), torch.randn(B, C, Hkv, D, generator=g)
+    pos = torch.randint(0, 300, (B, N), generator=g)
+    for window, softcap in ((0, 0.0), (1, 0.0), (7, 0.0), (48, 20.0)):
+        kw = dict(window=window, scale=0.15, softcap=softcap)
+        fast = K.attention(q, kc, vc, pos, **kw)
+        try:
+            mod._set_attention_avx512(0)
+            slow = K.attention(q, kc, vc, pos, **kw)
+        finally:
+            mod._set_attention_avx512(-1)
+        assert torch.equal(fast, slow), (window, softcap)
+
+
 def test_attention_matches_reference_random_positions():
     g = _gen(5)
     B, N, H, Hkv, D, C = 3, 6, 4, 1, 64, 48

@@ -324,6 +324,12 @@ def test_auto_runs_its_sampled_variant_at_temperature(tiny, one_thread, tmp_path
         (dest / "auto.json").write_text(json.dumps({"drafter": "combined", "draft_len": bad}))
         with pytest.raises(ValueError, match="draft_len must be an integer in 1..32"):
             make_drafter("auto", model, "tiny")
+    (dest / "auto.json").write_text(json.dumps({"drafter": "combined", "sampled": {"drafter": "ngram", "draft_len": 0}}))
+    with pytest.raises(ValueError, match="sampled.draft_len must be an integer in 1..32"):
+        make_drafter("auto", model, "tiny")
+    (dest / "auto.json").write_text(json.dumps({"drafter": "combined", "sampled": "ngram"}))
+    with pytest.raises(ValueError, match='"sampled" must be an object'):
+        make_drafter("auto", model, "tiny")
     (dest / "auto.json").write_text(json.dumps({"drafter": "none", "sampled": {"drafter": "none"}}))
     assert make_drafter("auto", model, "tiny") is None
     (dest / "auto.json").write_text(json.dumps({"drafter": "combined", "sampled": {"drafter": "eagle"}}))

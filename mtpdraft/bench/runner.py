@@ -148,7 +148,7 @@ def run_bench(model: str = DEFAULT_MODEL, drafter: str = "ngram", prompts: str |
     from .. import load
     from ..config import SamplingParams, SpecParams
     from ..decoding.engine import eos_ids_of
-    from ..drafters import ByTemperature, make_drafter
+    from ..drafters import ByTemperature, for_request, make_drafter
 
     log = log or (lambda msg: print(f"mtpdraft bench: {msg}", file=sys.stderr, flush=True))
     compare = parse_compare(compare)
@@ -167,20 +167,24 @@ def run_bench(model: str = DEFAULT_MODEL, drafter: str = "ngram", prompts: str |
     lm, tok = load(model, dtype)
     dr = make_drafter(drafter, lm, lm.name)
     load_s = time.perf_counter() - t_load
-    if dr is None:
-        log(f"drafter {drafter!r} resolves to none for {lm.name}: the speculative run is plain decoding")
+    if for_request(dr, sp) is None:
+        log(f"drafter {drafter!r} resolves to none for {lm.name} at temperature {temperature}: "
+            "the speculative run is plain decoding")
     # auto.json may cap the draft length at this temperature (chosen with its variant)
-    cap = dr.choice(sp)[1] if isinstance(dr, ByTemperature) else None
+    cap = dr.choice(sp)[1] if isinstance(dr, ByTemperature) and for_request(dr, sp) is not None else None
+    if cap is not None and cap >= spec.draft_len:
+        cap = None
     eos = eos_ids_of(lm, tok)
 
     hf = llama = None
     if "hf" in compare:
         from .compare import HFBaseline
         # transformers runs the dense checkpoint: fp32 where we run fp32, else bf16
-        hf = HFBaseline(lm.path, "fp32" if lm.weights_format == "fp32" else "bf16", sp, spec.draft_len, eos, log=log)
+        hf = HFBaseline(lm.path, "fp32" if lm.weights_format == "fp32" else "bf16", sp, cap or spec.draft_len, eos,
+                        log=log)
     if "llamacpp" in compare:
         from .compare import LlamaCppBaseline
-        llama = LlamaCppBaseline.find(model, lm, sp, spec.draft_len, log=log)
+        llama = LlamaCppBaseline.find(model, lm, sp, cap or spec.draft_len, log=log)
 
     if warmup:  # first-call costs (allocation, kernel builds, caches) stay out of the timings
         wsp = SamplingParams(max_new_tokens=min(16, max_new_tokens), temperature=temperature, seed=seed)

@@ -45,25 +45,27 @@ def make_drafter(spec: str, target: CausalLM, model_name: str = "", min_confiden
         auto = json.loads((path / "auto.json").read_text()) if (path / "auto.json").is_file() else {}
         source = _load_source(path, target, 0.0)
         greedy = _auto_variant(auto, source, min_confidence, path)
-        greedy_len = _draft_len(auto, path)  # a cap on the request's draft length, chosen with the variant
+        greedy_len = _draft_len(auto, path, "draft_len")  # a cap on the request's draft length, chosen with the variant
         if "sampled" not in auto and greedy_len is None:
             return greedy
         samp = auto.get("sampled")
+        if samp is not None and not isinstance(samp, dict):
+            raise ValueError(f"{path / 'auto.json'}: \"sampled\" must be an object, got {samp!r}")
         sampled = _auto_variant(samp, source, min_confidence, path) if samp else greedy
         if greedy is None and sampled is None:
             return None
         return ByTemperature(greedy, sampled, max_greedy_len=greedy_len,
-                             max_sampled_len=_draft_len(samp, path) if samp else greedy_len)
+                             max_sampled_len=_draft_len(samp, path, "sampled.draft_len") if samp else greedy_len)
     path = Path(spec)
     if not path.is_dir():
         raise ValueError(f"unknown drafter {spec!r}: use none, auto, ngram or a drafter directory")
     return _load_source(path, target, min_confidence)
 
 
-def _draft_len(cfg: dict, path: Path) -> int | None:
+def _draft_len(cfg: dict, path: Path, name: str) -> int | None:
     v = cfg.get("draft_len")
     if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 32):
-        raise ValueError(f"{path / 'auto.json'}: draft_len must be an integer in 1..32, got {v!r}")
+        raise ValueError(f"{path / 'auto.json'}: {name} must be an integer in 1..32, got {v!r}")
     return v
 
 
