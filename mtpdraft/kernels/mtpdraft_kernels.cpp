@@ -444,10 +444,9 @@ inline __m256 exp8(__m256 x) {
 
 // lg[j] = exp(lg[j] - m) for j < L; returns their sum (8-lane accumulation in
 // chunks of 8, fixed hsum; the last partial chunk is zero-padded).  Depends only on L.
-inline float exp_sub_sum(float* lg, int64_t L, float m) {
+// (j, acc): where to go on from, when the first j were done and added to acc already.
+inline float exp_sub_sum(float* lg, int64_t L, float m, int64_t j = 0, __m256 acc = _mm256_setzero_ps()) {
   const __m256 mv = _mm256_set1_ps(m);
-  __m256 acc = _mm256_setzero_ps();
-  int64_t j = 0;
   for (; j + 8 <= L; j += 8) {
     const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(lg + j), mv));
     _mm256_storeu_ps(lg + j, e);
@@ -714,23 +713,7 @@ MTP_AVX512_FN float softmax_num_avx512(float* lg, int64_t L) {
     acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
     acc = _mm256_add_ps(acc, _mm512_extractf32x8_ps(e, 1));
   }
-  const __m256 m8 = _mm256_set1_ps(m);
-  for (; j + 8 <= L; j += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(lg + j), m8));
-    _mm256_storeu_ps(lg + j, e);
-    acc = _mm256_add_ps(acc, e);
-  }
-  if (j < L) {
-    alignas(32) float tmp[8];
-    const int64_t r = L - j;
-    for (int64_t t = 0; t < 8; ++t) tmp[t] = t < r ? lg[j + t] : m;
-    __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(tmp), m8));
-    _mm256_store_ps(tmp, e);
-    for (int64_t t = r; t < 8; ++t) tmp[t] = 0.f;
-    acc = _mm256_add_ps(acc, _mm256_load_ps(tmp));
-    for (int64_t t = 0; t < r; ++t) lg[j + t] = tmp[t];
-  }
-  return hsum8(acc);
+  return exp_sub_sum(lg, L, m, j, acc);  // the rest as exp_sub_sum goes on
 }
 
 // o[h][d0 .. d0 + 16R) for HB heads of one query row: as pv_chunk, 16 elements a register
