@@ -167,13 +167,13 @@ def run_bench(model: str = DEFAULT_MODEL, drafter: str = "ngram", prompts: str |
     lm, tok = load(model, dtype)
     dr = make_drafter(drafter, lm, lm.name)
     load_s = time.perf_counter() - t_load
-    if for_request(dr, sp) is None:
+    runs = for_request(dr, sp)  # what the speculative run drafts with at this temperature
+    if runs is None:
         log(f"drafter {drafter!r} resolves to none for {lm.name} at temperature {temperature}: "
             "the speculative run is plain decoding")
     # auto.json may cap the draft length at this temperature (chosen with its variant)
-    cap = dr.choice(sp)[1] if isinstance(dr, ByTemperature) and for_request(dr, sp) is not None else None
-    if cap is not None and cap >= spec.draft_len:
-        cap = None
+    cap = runs.choice(sp)[1] if isinstance(runs, ByTemperature) else None
+    cap = cap if cap is not None and cap < spec.draft_len else None
     eos = eos_ids_of(lm, tok)
 
     hf = llama = None

@@ -11,7 +11,6 @@ from typing import Iterator
 
 from ..config import SamplingParams, SpecParams, Stats
 from ..drafters.base import Drafter
-from ..drafters.combined import for_request
 from ..models.base import CausalLM
 from .step import Batch, Row
 from .stops import StopChecker
@@ -43,7 +42,6 @@ def generate(model: CausalLM, prompt_ids: list[int], sp: SamplingParams | None =
     """
     sp = sp or SamplingParams()
     spec = spec or SpecParams()
-    drafter = for_request(drafter, sp)
     row = Row(list(prompt_ids), sp, stopper or StopChecker(sp, eos_ids_of(model, tokenizer), tokenizer),
               min(max_len or 8192, model.args.max_position_embeddings), drafter,
               spec.draft_len if drafter is not None else 0, spec.adaptive,

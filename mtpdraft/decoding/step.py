@@ -26,6 +26,7 @@ import torch
 
 from ..config import SamplingParams, Stats
 from ..drafters.base import Draft, DraftContext, Drafter
+from ..drafters.combined import for_request
 from ..models.base import CausalLM
 from .penalties import adjust_logits
 from .stops import StopChecker
@@ -75,6 +76,7 @@ class Row:
         if len(self.prompt) >= self.max_len:
             raise ValueError(f"prompt of {len(self.prompt)} tokens does not fit the context of {self.max_len} tokens")
         self.tokens = list(self.prompt)
+        self.drafter = for_request(self.drafter, self.sp)  # None where auto drafts nothing at this temperature
         self.k = self.draft_len if self.drafter is not None else 0
         self.gen = torch.Generator().manual_seed(self.sp.seed) if self.sp.seed is not None else None
         self.stats.prompt_tokens = len(self.prompt)

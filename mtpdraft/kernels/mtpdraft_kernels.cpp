@@ -510,10 +510,11 @@ inline void pv_chunk(const float* const* prow, int64_t L, const KT* const* vrows
     for (int r = 0; r < R; ++r) _mm256_storeu_ps(orow[h] + d0 + 8 * r, acc[h][r]);
 }
 
+// elements d0 .. D of o (d0 > 0: the AVX-512 passes did the first ones; per element the same chain)
 template <int HB, typename KT>
 inline void pv_heads(const float* const* prow, int64_t L, const KT* const* vrows, int64_t D,
-                     float* const* orow) {
-  int64_t d = 0;
+                     float* const* orow, int64_t d0 = 0) {
+  int64_t d = d0;
   if constexpr (HB <= 2)
     for (; d + 32 <= D; d += 32) pv_chunk<HB, 4, KT>(prow, L, vrows, d, orow);
   for (; d + 16 <= D; d += 16) pv_chunk<HB, 2, KT>(prow, L, vrows, d, orow);
@@ -742,12 +743,15 @@ MTP_AVX512_FN void pv_heads_avx512(const float* const* prow, int64_t L, const KT
   for (; d + 64 <= D; d += 64) pv_chunk16<HB, 4, KT>(prow, L, vrows, d, orow);
   for (; d + 32 <= D; d += 32) pv_chunk16<HB, 2, KT>(prow, L, vrows, d, orow);
   for (; d + 16 <= D; d += 16) pv_chunk16<HB, 1, KT>(prow, L, vrows, d, orow);
-  for (; d < D; ++d)  // the last < 16 elements: the same FMA chain per element
-    for (int h = 0; h < HB; ++h) {
-      float a = 0.f;
-      for (int64_t j = 0; j < L; ++j) a = std::fma(prow[h][j], to_f32(vrows[j][d]), a);
-      orow[h][d] = a;
-    }
+  if (d < D) pv_heads<HB, KT>(prow, L, vrows, D, orow, d);  // the last < 16 elements
+}
+
+// pass 3 for HB heads of one query row, through either kind of passes
+template <int HB, typename KT>
+inline void pv_rows(bool avx512, const float* const* prow, int64_t L, const KT* const* vrows, int64_t D,
+                    float* const* orow) {
+  if (avx512) pv_heads_avx512<HB, KT>(prow, L, vrows, D, orow);
+  else pv_heads<HB, KT>(prow, L, vrows, D, orow);
 }
 
 // How attention_impl splits its work: query rows into qsplit blocks and each kv head's G
@@ -927,25 +931,13 @@ void attention_impl(const float* q, const KT* kc, const KT* vc, const int64_t* p
             pr[hh] = logits.data() + (ii * nh + h + hh) * Lmax;
             orow[hh] = o + (h + hh) * D;
           }
-          if (avx512) {
-            switch (hb) {
-              case 6: pv_heads_avx512<6>(pr, L, vr, D, orow); break;
-              case 5: pv_heads_avx512<5>(pr, L, vr, D, orow); break;
-              case 4: pv_heads_avx512<4>(pr, L, vr, D, orow); break;
-              case 3: pv_heads_avx512<3>(pr, L, vr, D, orow); break;
-              case 2: pv_heads_avx512<2>(pr, L, vr, D, orow); break;
-              default: pv_heads_avx512<1>(pr, L, vr, D, orow); break;
-            }
-            h += hb;
-            continue;
-          }
           switch (hb) {
-            case 6: pv_heads<6>(pr, L, vr, D, orow); break;
-            case 5: pv_heads<5>(pr, L, vr, D, orow); break;
-            case 4: pv_heads<4>(pr, L, vr, D, orow); break;
-            case 3: pv_heads<3>(pr, L, vr, D, orow); break;
-            case 2: pv_heads<2>(pr, L, vr, D, orow); break;
-            default: pv_heads<1>(pr, L, vr, D, orow); break;
+            case 6: pv_rows<6>(avx512, pr, L, vr, D, orow); break;
+            case 5: pv_rows<5>(avx512, pr, L, vr, D, orow); break;
+            case 4: pv_rows<4>(avx512, pr, L, vr, D, orow); break;
+            case 3: pv_rows<3>(avx512, pr, L, vr, D, orow); break;
+            case 2: pv_rows<2>(avx512, pr, L, vr, D, orow); break;
+            default: pv_rows<1>(avx512, pr, L, vr, D, orow); break;
           }
           h += hb;
         }

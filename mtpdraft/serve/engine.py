@@ -35,7 +35,7 @@ from ..config import (SERVE_DRAFT_LEN, SERVE_MAX_BATCH, SERVE_MAX_CONTEXT, SERVE
 from ..decoding.engine import eos_ids_of
 from ..decoding.step import Batch, Logprob, Row
 from ..decoding.stops import StopChecker
-from ..drafters import for_request, make_drafter
+from ..drafters import make_drafter
 from ..layers import INVARIANT_MAX_ROWS
 from .metrics import Metrics
 
@@ -234,7 +234,6 @@ class BatchEngine:
         """Prefill r alone on the next free row; emit its first token."""
         r.stopper = StopChecker(r.sp, self.eos, self.tok)
         drafter = make_drafter(self.drafter_spec, self.model, self.model.name) if r.speculative else None
-        drafter = for_request(drafter, r.sp)  # None where auto drafts nothing at this temperature
         row = Row(r.prompt_ids, r.sp, r.stopper, self.max_context, drafter, r.draft_len or self.draft_len,
                   self.adaptive, r.logprobs, r.prompt_logprobs, stats=r.stats)
         first = self.batch.admit(row)
