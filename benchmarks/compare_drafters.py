@@ -43,7 +43,8 @@ def main() -> None:
                     help="JSONL file, or eval / validation: that split of the bundled training prompts")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--draft-len", type=int, default=6)
+    ap.add_argument("--draft-len", default="6",
+                    help="draft length(s), comma-separated: several run every drafting configuration at each, in one run")
     ap.add_argument("--gate", default="0.6", help="confidence gate(s) of the combined configurations, comma-separated")
     ap.add_argument("--fallback", default="", help="MTP draft caps of the fallback configurations, comma-separated")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -65,7 +66,12 @@ def main() -> None:
             confs[f"{d} + ngram@{gate}"] = lambda g=gated: CombinedDrafter(g, min_match=2)
         for n in (int(x) for x in a.fallback.split(",") if x):
             confs[f"{d} fallback:{n}"] = lambda src=src, n=n: CombinedDrafter.fallback(src, n)
-    res = evaluate(model, tok, prompts, confs, a.max_new_tokens, a.draft_len, temperature=a.temperature)
+    ks = [int(k) for k in a.draft_len.split(",")]
+    lens = {}
+    if len(ks) > 1:  # each drafting configuration once per draft length, named "... k=K"
+        confs = {f"{n} k={k}" if n != "plain" else n: f for n, f in confs.items() for k in (ks if n != "plain" else ks[:1])}
+        lens = {n: int(n.rpartition("k=")[2]) for n in confs if n != "plain"}
+    res = evaluate(model, tok, prompts, confs, a.max_new_tokens, ks[0], temperature=a.temperature, draft_lens=lens)
     res.update(machine=machine_info()["cpu"], threads=torch.get_num_threads(), weights=model.weights_format,
                prompt_set=a.prompts)
     print(f"{len(prompts)} prompts ({a.prompts}), {model.weights_format}, k={a.draft_len}, "

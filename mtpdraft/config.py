@@ -75,15 +75,16 @@ DEFAULT_DRAFT_LEN = 6
 
 @dataclass(slots=True)
 class SpecParams:
-    """Draft length policy. adaptive: grow k after a fully accepted draft, shrink it
-    to what was accepted otherwise (within 1..draft_len). (An MTP drafter's own early
-    stop on low confidence is its MTPDraftSource's min_confidence.)"""
+    """Draft length policy. draft_len None: the drafter's own (`auto`'s, chosen with its
+    variant on validation prompts), else DEFAULT_DRAFT_LEN. adaptive: grow k after a fully
+    accepted draft, shrink it to what was accepted otherwise (within 1..draft_len). (An MTP
+    drafter's own early stop on low confidence is its MTPDraftSource's min_confidence.)"""
 
-    draft_len: int = DEFAULT_DRAFT_LEN
+    draft_len: int | None = None
     adaptive: bool = False
 
     def __post_init__(self):
-        if not 1 <= self.draft_len <= 32:
+        if self.draft_len is not None and not 1 <= self.draft_len <= 32:
             raise ValueError(f"draft_len must be in 1..32, got {self.draft_len}")
 
 

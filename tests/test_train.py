@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from mtpdraft import load
-from mtpdraft.config import SamplingParams, SpecParams, Stats
+from mtpdraft.config import DEFAULT_DRAFT_LEN, SamplingParams, SpecParams, Stats
 from mtpdraft.decoding.engine import generate
 from mtpdraft.drafters import NgramDrafter, make_drafter
-from mtpdraft.drafters.combined import CombinedDrafter, for_request
+from mtpdraft.drafters.combined import CombinedDrafter, draft_len_for, for_request
 from mtpdraft.testing import tiny_model_dir
 from mtpdraft.train.features import compute_features
 from mtpdraft.train.model import balanced_clusters, head_loss, cluster_of, new_drafter, source_layers, unrolled
@@ -159,6 +159,16 @@ def test_training_can_start_from_an_existing_drafter(tiny, tmp_path, one_thread)
         run_layer_types(TrainConfig(init_from=str(tmp_path / "missing")))
 
 
+def test_train_config_refuses_bad_draft_lengths():
+    from mtpdraft.train.train import TrainConfig
+
+    for bad in ({"select_draft_lens": (2, 0)}, {"select_draft_lens": (40,)}, {"draft_len": 2.5},
+                {"select_draft_lens": (True,)}):
+        with pytest.raises(ValueError, match="draft_len and select_draft_lens must be integers in 1..32"):
+            TrainConfig(**bad)
+    assert TrainConfig(select_draft_lens=(1, 32)).select_draft_lens == (1, 32)
+
+
 def _tau(model, prompts, drafter_factory, n=32):
     st = Stats()
     outs = []
@@ -191,6 +201,10 @@ def test_train_quick_end_to_end(tiny, tmp_path, one_thread, monkeypatch):
 
     assert set(ev["configs"]) == {"plain", "mtp", "ngram", chosen_variant(sel)}
     assert {"mtp", "ngram", "combined", "fallback:1", "mtp_untrained"} <= set(sel["configs"])
+    # every drafting variant also ran at the other selection length, in the same rotation
+    assert {"mtp k=2", "ngram k=2", "combined k=2", "fallback:1 k=2"} <= set(sel["configs"])
+    assert sel["configs"]["combined k=2"]["draft_len"] == 2 and "mtp_untrained k=2" not in sel["configs"]
+    assert len(sel["configs"]["combined k=2"]["proposed_by_position"]) <= 2
     for res in (sel, ev):
         for name, r in res["configs"].items():
             if name != "plain":
@@ -229,7 +243,12 @@ def test_train_quick_end_to_end(tiny, tmp_path, one_thread, monkeypatch):
     # plain decoding is a candidate too: nothing to ship when it beats every drafter
     assert not decide({"plain": 9.0, "ngram": 5.0, "combined": 6.0}, "none") and not (tmp_path / "none").exists()
     assert decide({"ngram": 5.0, "combined": 9.0, "mtp": 7.0}, "comb")
-    assert json.loads((tmp_path / "comb" / "auto.json").read_text())["drafter"] == "combined"
+    auto = json.loads((tmp_path / "comb" / "auto.json").read_text())
+    assert (auto["drafter"], auto["draft_len"]) == ("combined", cfg.draft_len)
+    assert decide({"ngram": 5.0, "combined": 6.0, "combined k=2": 9.0, "mtp": 7.0}, "comb2")
+    auto = json.loads((tmp_path / "comb2" / "auto.json").read_text())
+    assert (auto["drafter"], auto["draft_len"], auto["chosen_from"]) == ("combined", 2, "combined k=2")
+    assert "(combined k=2) and its draft length (of 2, 6)" in (tmp_path / "comb2" / "README.md").read_text()
     card = (tmp_path / "comb" / "README.md").read_text()
     assert "eval prompts" in card and f"{ev['configs']['mtp']['tau']:.2f}" in card
     assert decide({"ngram": 5.0, "combined": 6.0, "mtp": 9.0}, "alone")
@@ -320,6 +339,19 @@ def test_auto_runs_its_sampled_variant_at_temperature(tiny, one_thread, tmp_path
     ctx = DraftContext(toks, out.hidden[0, -1], model, cache, sampling=SamplingParams(temperature=0.7))
     assert auto.propose(ctx, 4).tokens == [7, 8, 9]
     assert list(generate(model, ids, sp, drafter=auto, spec=SpecParams(draft_len=6))) == list(generate(model, ids, sp))
+    # auto's length is the default of a request that sets none, and caps one that sets more
+    (dest / "auto.json").write_text(json.dumps({"drafter": "combined", "min_confidence": 0.0, "draft_len": 9,
+                                                "sampled": {"drafter": "ngram", "draft_len": 2}}))
+    auto = make_drafter("auto", model, "tiny")
+    sp_t = SamplingParams(max_new_tokens=30, temperature=0.7, seed=3)
+    assert [draft_len_for(auto, sp, k) for k in (None, 4, 12)] == [9, 4, 9]
+    assert [draft_len_for(auto, sp_t, k) for k in (None, 1, 6)] == [2, 1, 2]
+    assert draft_len_for(None, sp, 5) == 0 and draft_len_for(NgramDrafter(), sp, None) == DEFAULT_DRAFT_LEN
+    rep = tok("abc abc abc abc abc abc abc abc abc abc").input_ids
+    for spec, longest in ((SpecParams(), 9), (SpecParams(draft_len=3), 3), (SpecParams(draft_len=20), 9)):
+        st = Stats()
+        assert list(generate(model, rep, sp, drafter=auto, spec=spec, stats=st)) == list(generate(model, rep, sp))
+        assert len(st.proposed_by_pos) == longest  # the loop drafts that many (the text repeats)
     for bad in (0, 33, "3", 2.5):
         (dest / "auto.json").write_text(json.dumps({"drafter": "combined", "draft_len": bad}))
         with pytest.raises(ValueError, match="draft_len must be an integer in 1..32"):

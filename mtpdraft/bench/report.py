@@ -21,7 +21,7 @@ def markdown_report(r: dict) -> str:
         "",
         f"- dtype {r['dtype']}, {r['num_prompts']} prompts, max {r['max_new_tokens']} new tokens, "
         f"temperature {r['temperature']}, draft length {r.get('draft_len')}{' (adaptive)' if r.get('adaptive') else ''}"
-        + (f" (auto.json caps it at {r['auto_draft_len_cap']})" if r.get("auto_draft_len_cap") else ""),
+        + (" (auto.json's, chosen with its variant)" if r.get("draft_len_from_auto") else ""),
         f"- machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores ({m.get('torch_threads', '?')} torch threads), "
         f"torch {m.get('torch', '?')}, {m.get('date', '')}",
         f"- tokens/s: {r.get('tokens_per_s_definition', 'decode tokens / decode seconds')}",

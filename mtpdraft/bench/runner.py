@@ -146,9 +146,9 @@ def run_bench(model: str = DEFAULT_MODEL, drafter: str = "ngram", prompts: str |
     import torch
 
     from .. import load
-    from ..config import SamplingParams, SpecParams
+    from ..config import DEFAULT_DRAFT_LEN, SamplingParams, SpecParams
     from ..decoding.engine import eos_ids_of
-    from ..drafters import ByTemperature, for_request, make_drafter
+    from ..drafters import ByTemperature, draft_len_for, for_request, make_drafter
 
     log = log or (lambda msg: print(f"mtpdraft bench: {msg}", file=sys.stderr, flush=True))
     compare = parse_compare(compare)
@@ -171,20 +171,20 @@ def run_bench(model: str = DEFAULT_MODEL, drafter: str = "ngram", prompts: str |
     if runs is None:
         log(f"drafter {drafter!r} resolves to none for {lm.name} at temperature {temperature}: "
             "the speculative run is plain decoding")
-    # auto.json may cap the draft length at this temperature (chosen with its variant)
-    cap = runs.choice(sp)[1] if isinstance(runs, ByTemperature) else None
-    cap = cap if cap is not None and cap < spec.draft_len else None
+    # the draft length the speculative run uses (auto.json's own where the caller set none)
+    k = draft_len_for(runs, sp, spec.draft_len) or spec.draft_len or DEFAULT_DRAFT_LEN
+    own = runs.choice(sp)[1] if isinstance(runs, ByTemperature) else None
     eos = eos_ids_of(lm, tok)
 
     hf = llama = None
     if "hf" in compare:
         from .compare import HFBaseline
         # transformers runs the dense checkpoint: fp32 where we run fp32, else bf16
-        hf = HFBaseline(lm.path, "fp32" if lm.weights_format == "fp32" else "bf16", sp, cap or spec.draft_len, eos,
+        hf = HFBaseline(lm.path, "fp32" if lm.weights_format == "fp32" else "bf16", sp, k, eos,
                         log=log)
     if "llamacpp" in compare:
         from .compare import LlamaCppBaseline
-        llama = LlamaCppBaseline.find(model, lm, sp, cap or spec.draft_len, log=log)
+        llama = LlamaCppBaseline.find(model, lm, sp, k, log=log)
 
     if warmup:  # first-call costs (allocation, kernel builds, caches) stay out of the timings
         wsp = SamplingParams(max_new_tokens=min(16, max_new_tokens), temperature=temperature, seed=seed)
@@ -217,8 +217,8 @@ def run_bench(model: str = DEFAULT_MODEL, drafter: str = "ngram", prompts: str |
 
     result = {"model": lm.name, "drafter": drafter, "dtype": dtype, "weights": lm.weights_format,
               "num_prompts": len(records),
-              "max_new_tokens": max_new_tokens, "temperature": temperature, "draft_len": spec.draft_len,
-              "auto_draft_len_cap": cap,
+              "max_new_tokens": max_new_tokens, "temperature": temperature, "draft_len": k,
+              "draft_len_from_auto": own is not None and k == own,
               "adaptive": adaptive, "seed": seed, "chat_template": has_chat_template(tok),
               "tokens_per_s_definition": "decode tokens / decode seconds summed over prompts and turns; "
                                          "the prefill and the token it produces are excluded",

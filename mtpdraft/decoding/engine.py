@@ -44,7 +44,7 @@ def generate(model: CausalLM, prompt_ids: list[int], sp: SamplingParams | None =
     spec = spec or SpecParams()
     row = Row(list(prompt_ids), sp, stopper or StopChecker(sp, eos_ids_of(model, tokenizer), tokenizer),
               min(max_len or 8192, model.args.max_position_embeddings), drafter,
-              spec.draft_len if drafter is not None else 0, spec.adaptive,
+              spec.draft_len, spec.adaptive,
               stats=stats if stats is not None else Stats())
     batch = Batch(model, 1, row.max_len, max_draft=row.draft_len)
     yield from batch.admit(row).tokens

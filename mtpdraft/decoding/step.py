@@ -26,7 +26,7 @@ import torch
 
 from ..config import SamplingParams, Stats
 from ..drafters.base import Draft, DraftContext, Drafter
-from ..drafters.combined import for_request
+from ..drafters.combined import draft_len_for, for_request
 from ..models.base import CausalLM
 from .penalties import adjust_logits
 from .stops import StopChecker
@@ -57,7 +57,7 @@ class Row:
     stopper: StopChecker
     max_len: int
     drafter: Drafter | None = None
-    draft_len: int = 0
+    draft_len: int | None = None  # None: the drafter's own (auto's), else DEFAULT_DRAFT_LEN; resolved below
     adaptive: bool = False
     logprobs: int | None = None
     prompt_logprobs: bool = False
@@ -77,7 +77,8 @@ class Row:
             raise ValueError(f"prompt of {len(self.prompt)} tokens does not fit the context of {self.max_len} tokens")
         self.tokens = list(self.prompt)
         self.drafter = for_request(self.drafter, self.sp)  # None where auto drafts nothing at this temperature
-        self.k = self.draft_len if self.drafter is not None else 0
+        self.draft_len = draft_len_for(self.drafter, self.sp, self.draft_len)
+        self.k = self.draft_len
         self.gen = torch.Generator().manual_seed(self.sp.seed) if self.sp.seed is not None else None
         self.stats.prompt_tokens = len(self.prompt)
 

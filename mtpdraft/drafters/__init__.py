@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import kernels
 from ..models.base import CausalLM
 from .base import Draft, DraftContext, Drafter
-from .combined import ByTemperature, CombinedDrafter, for_request
+from .combined import ByTemperature, CombinedDrafter, draft_len_for, for_request
 from .gemma4_assistant import is_gemma4_assistant, load_gemma4_assistant
 from .mtp import MTPConfig, MTPDrafter, MTPDraftSource
 from .ngram import NgramDrafter
@@ -45,7 +45,7 @@ def make_drafter(spec: str, target: CausalLM, model_name: str = "", min_confiden
         auto = json.loads((path / "auto.json").read_text()) if (path / "auto.json").is_file() else {}
         source = _load_source(path, target, 0.0)
         greedy = _auto_variant(auto, source, min_confidence, path)
-        greedy_len = _draft_len(auto, path, "draft_len")  # a cap on the request's draft length, chosen with the variant
+        greedy_len = _draft_len(auto, path, "draft_len")  # the draft length the variant was chosen with
         if "sampled" not in auto and greedy_len is None:
             return greedy
         samp = auto.get("sampled")
@@ -54,8 +54,8 @@ def make_drafter(spec: str, target: CausalLM, model_name: str = "", min_confiden
         sampled = _auto_variant(samp, source, min_confidence, path) if samp else greedy
         if greedy is None and sampled is None:
             return None
-        return ByTemperature(greedy, sampled, max_greedy_len=greedy_len,
-                             max_sampled_len=_draft_len(samp, path, "sampled.draft_len") if samp else greedy_len)
+        return ByTemperature(greedy, sampled, greedy_len=greedy_len,
+                             sampled_len=_draft_len(samp, path, "sampled.draft_len") if samp else greedy_len)
     path = Path(spec)
     if not path.is_dir():
         raise ValueError(f"unknown drafter {spec!r}: use none, auto, ngram or a drafter directory")
@@ -97,4 +97,4 @@ def _load_source(path: Path, target: CausalLM, min_confidence: float) -> MTPDraf
 
 
 __all__ = ["Draft", "DraftContext", "Drafter", "MTPConfig", "MTPDrafter", "MTPDraftSource", "NgramDrafter",
-           "for_request", "make_drafter", "shipped_drafter_dir"]
+           "draft_len_for", "for_request", "make_drafter", "shipped_drafter_dir"]

@@ -10,7 +10,7 @@ stays in sync. Lossless like any drafter: the target verifies.
 
 from __future__ import annotations
 
-from ..config import SamplingParams
+from ..config import DEFAULT_DRAFT_LEN, SamplingParams
 from .base import Draft, DraftContext, Drafter
 from .ngram import NgramDrafter
 
@@ -54,26 +54,28 @@ class CombinedDrafter:
 
 
 class ByTemperature:
-    """`auto` with settings per temperature: one drafter for greedy requests (at most
-    `max_greedy_len` tokens a round), another (at most `max_sampled_len`) for temperature > 0.
-    A request keeps its temperature, so each request sees one of them throughout. None: no
-    draft at that temperature (plain decoding measured fastest there; `for_request` then
-    gives the request no drafter at all)."""
+    """`auto` with settings per temperature: one drafter for greedy requests, drafting
+    `greedy_len` tokens a round, another (`sampled_len`) for temperature > 0. A length is the
+    one its variant was chosen with: a request that sets none drafts that many, one that sets
+    more is capped to it (None: the request's, else DEFAULT_DRAFT_LEN). A request keeps its
+    temperature, so each request sees one of them throughout. A drafter None: no draft at that
+    temperature (plain decoding measured fastest there; `for_request` then gives the request
+    no drafter at all)."""
 
-    def __init__(self, greedy: Drafter | None, sampled: Drafter | None, max_sampled_len: int | None = None,
-                 max_greedy_len: int | None = None):
-        for name, v in (("max_greedy_len", max_greedy_len), ("max_sampled_len", max_sampled_len)):
+    def __init__(self, greedy: Drafter | None, sampled: Drafter | None, sampled_len: int | None = None,
+                 greedy_len: int | None = None):
+        for name, v in (("greedy_len", greedy_len), ("sampled_len", sampled_len)):
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         self.greedy, self.sampled = greedy, sampled
-        self.max_greedy_len, self.max_sampled_len = max_greedy_len, max_sampled_len
+        self.greedy_len, self.sampled_len = greedy_len, sampled_len
         self.last: Drafter | None = None
 
     def choice(self, sampling: SamplingParams | None) -> tuple[Drafter | None, int | None]:
-        """(drafter, draft length cap) for requests with these sampling settings."""
+        """(drafter, its draft length) for requests with these sampling settings."""
         if sampling is not None and not sampling.greedy:
-            return self.sampled, self.max_sampled_len
-        return self.greedy, self.max_greedy_len
+            return self.sampled, self.sampled_len
+        return self.greedy, self.greedy_len
 
     def propose(self, ctx: DraftContext, k: int) -> Draft:
         self.last, cap = self.choice(ctx.sampling)
@@ -88,6 +90,16 @@ class ByTemperature:
     @property
     def rounds(self) -> dict:
         return getattr(self.last, "rounds", {})
+
+
+def draft_len_for(drafter: Drafter | None, sampling: SamplingParams, requested: int | None) -> int:
+    """A request's draft length: `requested`, capped to auto's own length at its temperature;
+    with none requested, auto's own, else DEFAULT_DRAFT_LEN. 0 without a drafter."""
+    if drafter is None:
+        return 0
+    own = drafter.choice(sampling)[1] if isinstance(drafter, ByTemperature) else None
+    k = requested or own or DEFAULT_DRAFT_LEN
+    return min(k, own) if own else k
 
 
 def for_request(drafter: Drafter | None, sampling: SamplingParams) -> Drafter | None:

@@ -44,14 +44,15 @@ def _sum_stats(parts: list[Stats]) -> dict:
 
 def evaluate(model: CausalLM, tokenizer, prompts: list[list[int]], drafters: dict[str, Callable[[], object]],
              new_tokens: int, draft_len: int = 4, only_first: dict[str, int] | None = None,
-             progress: bool = True, temperature: float = 0.0) -> dict:
+             progress: bool = True, temperature: float = 0.0, draft_lens: dict[str, int] | None = None) -> dict:
     """drafters: name -> factory of a fresh drafter per prompt (None = plain decoding).
     only_first: name -> run that configuration on the first N prompts only. temperature > 0:
-    sampled (seed = the prompt's index), outputs not compared."""
+    sampled (seed = the prompt's index), outputs not compared. draft_lens: name -> that
+    configuration's draft length (others: draft_len), so lengths compare within one run."""
     from tqdm import tqdm
 
     sp = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, ignore_eos=False)
-    spec = SpecParams(draft_len=draft_len)
+    specs = {n: SpecParams(draft_len=(draft_lens or {}).get(n, draft_len)) for n in drafters}
     eos = eos_ids_of(model, tokenizer)
     names = list(drafters)
     stats: dict[str, list[Stats]] = {n: [] for n in names}
@@ -61,7 +62,7 @@ def evaluate(model: CausalLM, tokenizer, prompts: list[list[int]], drafters: dic
     if prompts:  # untimed: a short generation per configuration builds what a drafter builds on first use
         warm = SamplingParams(max_new_tokens=min(8, new_tokens), temperature=temperature, ignore_eos=True, seed=0)
         for n in names:
-            list(generate(model, prompts[0], warm, drafter=drafters[n](), spec=spec))
+            list(generate(model, prompts[0], warm, drafter=drafters[n](), spec=specs[n]))
     t0 = time.perf_counter()
     bar = tqdm(total=len(prompts), desc="eval", disable=not progress, dynamic_ncols=True)
     for pi, ids in enumerate(prompts):
@@ -77,7 +78,7 @@ def evaluate(model: CausalLM, tokenizer, prompts: list[list[int]], drafters: dic
             from ..decoding.stops import StopChecker
 
             stopper = StopChecker(sp, eos, tokenizer)
-            outs[n] = list(generate(model, ids, sp, drafter=d, spec=spec, stats=st, stopper=stopper))
+            outs[n] = list(generate(model, ids, sp, drafter=d, spec=specs[n], stats=st, stopper=stopper))
             stats[n].append(st)
             if hasattr(d, "rounds"):
                 r = extra.setdefault(n, {"rounds": {}})["rounds"]
@@ -96,6 +97,8 @@ def evaluate(model: CausalLM, tokenizer, prompts: list[list[int]], drafters: dic
     for n in names:
         r = _sum_stats(stats[n])
         r["prompts"] = len(stats[n])
+        if draft_lens and n in draft_lens:
+            r["draft_len"] = draft_lens[n]
         if n != "plain" and temperature == 0:
             r["greedy_equal_to_plain"] = f"{compared[n] - mismatches[n]}/{compared[n]}"
         r.update(extra.get(n, {}))

@@ -133,6 +133,9 @@ class TrainConfig:
     eval_new_tokens: int = 128
     eval_untrained_prompts: int = 6
     draft_len: int = DEFAULT_DRAFT_LEN
+    # the validation selection also runs every drafting variant at these draft lengths ("NAME
+    # k=K"); auto.json keeps the length its variant was chosen at (README: the draft length)
+    select_draft_lens: tuple[int, ...] = (1, 2, 4, 8)
     min_match: int = 2  # combined drafter: n-gram when its match has >= this many tokens
     gates: tuple[float, ...] = (0.3, 0.6)  # also evaluate `combined` stopping a draft below these confidences
     # also evaluate "fallback:L": prompt lookup on any n-gram match, else an MTP draft of at most L tokens
@@ -142,6 +145,11 @@ class TrainConfig:
     # gemma-3-270m runs (2026-12-06) top-k 8 was 0.012-0.013 below 32 (and above 16: noise of
     # this size), yet faster in the real loop on the validation prompts, greedy and sampled
     top_k_tolerance: float = 0.02
+
+    def __post_init__(self):
+        for k in (self.draft_len, *self.select_draft_lens):  # refused now, not after hours of training
+            if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 32:
+                raise ValueError(f"draft_len and select_draft_lens must be integers in 1..32, got {k!r}")
 
     def prompt_sets(self) -> tuple[list[dict], list[dict], list[dict]]:
         """(train, validation, eval) as this run splits them: prompts_file (its first max_prompts)
@@ -160,7 +168,7 @@ class TrainConfig:
         base = dict(max_prompts=40, new_tokens=48, opened_per_prompt=1, bos_openings=8, gen_batch=16,
                     hidden_size=64, intermediate_size=128, num_attention_heads=4, epochs=10.0, batch_tokens=1024,
                     eval_every=40, ckpt_every=200, warmup_iters=10, lr=3e-3, eval_prompts=4, eval_new_tokens=32,
-                    eval_untrained_prompts=4, gates=(), fallback_lens=(1,))
+                    eval_untrained_prompts=4, gates=(), fallback_lens=(1,), select_draft_lens=(2,))
         base.update(kw)
         return cls(**base)
 
@@ -644,11 +652,15 @@ def tune_top_k(cfg: TrainConfig, target, val: Features) -> dict:
 
 
 # -- stage 4 --------------------------------------------------------------------------------
+LEN_TAG = " k="  # "combined@0.6 k=8": a variant at a draft length other than TrainConfig.draft_len
+
+
 def chosen_variant(select: dict) -> str:
     """What `--drafter auto` runs: of plain decoding (no draft), MTP alone, prompt lookup
     alone and the combined variants, the fastest on the validation prompts."""
     c = select["configs"]
-    return max((n for n in c if n in ("plain", "mtp", "ngram") or n.startswith(("combined", "fallback"))),
+    return max((n for n in c if (b := n.partition(LEN_TAG)[0]) in ("plain", "mtp", "ngram")
+                or b.startswith(("combined", "fallback"))),
                key=lambda n: c[n]["decode_tokens_per_s"])
 
 
@@ -683,10 +695,15 @@ def stage_eval(cfg: TrainConfig, prompt_set: list[dict], name: str, only: list[s
         drafters[f"combined@{g}"] = lambda gated=gated: CombinedDrafter(gated, min_match=cfg.min_match)
     for n in cfg.fallback_lens:
         drafters[f"fallback:{n}"] = lambda n=n: CombinedDrafter.fallback(mtp, n)
+    lens = {}
+    for k in sorted(set(cfg.select_draft_lens) - {cfg.draft_len}):  # the same variants at other lengths
+        for n in [n for n in drafters if n not in ("plain", "mtp_untrained") and LEN_TAG not in n]:
+            drafters[f"{n}{LEN_TAG}{k}"], lens[f"{n}{LEN_TAG}{k}"] = drafters[n], k
     if only is not None:
         drafters = {n: f for n, f in drafters.items() if n in only}
     res = evaluate(model, tok, prompts, drafters, cfg.eval_new_tokens, cfg.draft_len,
-                   only_first={"mtp_untrained": cfg.eval_untrained_prompts}, temperature=temperature)
+                   only_first={"mtp_untrained": cfg.eval_untrained_prompts}, temperature=temperature,
+                   draft_lens={n: k for n, k in lens.items() if n in drafters})
     res.update(model=cfg.model, dtype=cfg.dtype, weights=model.weights_format, prompt_set=name,
                prompt_ids=[p["id"] for p in prompt_set[: cfg.eval_prompts]])
     path.write_text(json.dumps(res, indent=2))
@@ -763,27 +780,31 @@ def ship(cfg: TrainConfig, dest: str | Path) -> bool:
     dest.mkdir(parents=True, exist_ok=True)
     for f in ("config.json", "model.safetensors"):
         shutil.copy(out / "drafter" / f, dest / f)
-    auto = auto_variant(best, cfg.min_match)
+    auto = auto_variant(best, cfg.min_match, cfg.draft_len)
     if (out / "select_sampled.json").exists():
         best_t = chosen_variant(json.loads((out / "select_sampled.json").read_text()))
         if best_t != best:
-            auto["sampled"] = dict(auto_variant(best_t, cfg.min_match), temperature=cfg.sampled_temperature)
+            auto["sampled"] = dict(auto_variant(best_t, cfg.min_match, cfg.draft_len),
+                                   temperature=cfg.sampled_temperature)
     (dest / "auto.json").write_text(json.dumps(auto, indent=1))
     (dest / "README.md").write_text(model_card(cfg, ev, sel))
     _log(f"shipped to {dest}")
     return True
 
 
-def auto_variant(name: str, min_match: int) -> dict:
-    """auto.json's entry for a variant name of the evaluation: plain | mtp | ngram | combined[@gate] | fallback:L."""
+def auto_variant(name: str, min_match: int, draft_len: int) -> dict:
+    """auto.json's entry for a variant name of the evaluation: plain | mtp | ngram | combined[@gate] |
+    fallback:L, with " k=K" where it ran at a draft length K other than `draft_len`."""
+    name, _, k = name.partition(LEN_TAG)
     if name == "plain":
         return {"drafter": "none", "chosen_from": name}
     if name.startswith("fallback:"):
-        return {"drafter": "combined", "min_confidence": 0.0, "min_match": FALLBACK_MIN_MATCH,
-                "mtp_len": int(name.partition(":")[2]),
-                "chosen_from": name}
-    return {"drafter": name.partition("@")[0], "min_confidence": float(name.partition("@")[2] or 0.0),
-            "min_match": min_match, "chosen_from": name}
+        entry = {"drafter": "combined", "min_confidence": 0.0, "min_match": FALLBACK_MIN_MATCH,
+                 "mtp_len": int(name.partition(":")[2])}
+    else:
+        entry = {"drafter": name.partition("@")[0], "min_confidence": float(name.partition("@")[2] or 0.0),
+                 "min_match": min_match}
+    return dict(entry, draft_len=int(k or draft_len), chosen_from=name + (LEN_TAG + k if k else ""))
 
 
 def _timings(out: Path) -> str:
@@ -874,11 +895,11 @@ trained by `mtpdraft train` on text the target wrote itself. Load it with
 - Wall time on {machine_info()['cpu']} ({torch.get_num_threads()} threads): {_timings(out)}.
 - Command (every figure here, the eval table included, comes from it): `{command}`.
 
-## Evaluation (eval prompts, greedy, real speculative loop, {ev.get('weights', ev['dtype'])}, k={ev['draft_len']}, {ev['new_tokens']} new tokens)
+## Evaluation (eval prompts, greedy, real speculative loop, {ev.get('weights', ev['dtype'])}, k={ev['draft_len']} unless named "k=K", {ev['new_tokens']} new tokens)
 
 Eval prompts share no passage with the training or validation prompts and took no part in
-any choice: `auto`'s variant ({chosen_variant(sel)}), the centroid top-k and the schedule were
-chosen on the validation prompts (`select.json` in the run directory).
+any choice: `auto`'s variant ({chosen_variant(sel)}) and its draft length (of {", ".join(map(str, sorted({cfg.draft_len, *cfg.select_draft_lens})))}),
+the centroid top-k and the schedule were chosen on the validation prompts (`select.json` in the run directory).
 
 | drafter | prompts | tau | acceptance by position | decode tok/s | vs plain | greedy == plain |
 |---|---|---|---|---|---|---|
