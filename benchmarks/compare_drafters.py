@@ -44,7 +44,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--draft-len", default="6",
-                    help="draft length(s), comma-separated: several run every drafting configuration at each, in one run")
+                    help="draft length(s), comma-separated: with several, every drafting configuration runs at each, "
+                         "in one run")
     ap.add_argument("--gate", default="0.6", help="confidence gate(s) of the combined configurations, comma-separated")
     ap.add_argument("--fallback", default="", help="MTP draft caps of the fallback configurations, comma-separated")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -69,7 +70,8 @@ def main() -> None:
     ks = [int(k) for k in a.draft_len.split(",")]
     lens = {}
     if len(ks) > 1:  # each drafting configuration once per draft length, named "... k=K"
-        confs = {f"{n} k={k}" if n != "plain" else n: f for n, f in confs.items() for k in (ks if n != "plain" else ks[:1])}
+        confs = {f"{n} k={k}" if n != "plain" else n: f
+                 for n, f in confs.items() for k in (ks if n != "plain" else ks[:1])}
         lens = {n: int(n.rpartition("k=")[2]) for n in confs if n != "plain"}
     res = evaluate(model, tok, prompts, confs, a.max_new_tokens, ks[0], temperature=a.temperature, draft_lens=lens)
     res.update(machine=machine_info()["cpu"], threads=torch.get_num_threads(), weights=model.weights_format,

@@ -20,7 +20,8 @@ def add_model_args(p: argparse.ArgumentParser, *, drafter: str = "auto", draft_l
     p.add_argument("--dtype", default=DEFAULT_WEIGHTS, choices=WEIGHT_CHOICES, help=WEIGHTS_HELP)
     p.add_argument("--drafter", default=drafter, help="auto | none | ngram | PATH to a drafter directory")
     p.add_argument("--draft-len", type=int, default=draft_len,
-                   help=f"tokens drafted per cycle (default {draft_len}; --drafter auto caps it to its own)" if draft_len
+                   help=f"tokens drafted per cycle (default {draft_len}; --drafter auto caps it to its own)"
+                   if draft_len
                    else f"tokens drafted per cycle (default: --drafter auto's own, chosen with its variant; "
                         f"else {DEFAULT_DRAFT_LEN}; auto caps a larger one to its own)")
     p.add_argument("--adaptive", action="store_true", help=adaptive_help)

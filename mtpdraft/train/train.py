@@ -849,6 +849,7 @@ def model_card(cfg: TrainConfig, ev: dict, sel: dict) -> str:
 |---|---|---|---|---|
 {chr(10).join(rows_t)}
 """
+    lens_tried = ", ".join(map(str, sorted({cfg.draft_len, *cfg.select_draft_lens})))
     defaults = asdict(TrainConfig(model=cfg.model, out=cfg.out))
     changed = " ".join(f"--set {k}='{json.dumps(v)}'" for k, v in asdict(cfg).items()
                        if k not in ("model", "out") and json.dumps(v) != json.dumps(defaults[k]))
@@ -895,10 +896,11 @@ trained by `mtpdraft train` on text the target wrote itself. Load it with
 - Wall time on {machine_info()['cpu']} ({torch.get_num_threads()} threads): {_timings(out)}.
 - Command (every figure here, the eval table included, comes from it): `{command}`.
 
-## Evaluation (eval prompts, greedy, real speculative loop, {ev.get('weights', ev['dtype'])}, k={ev['draft_len']} unless named "k=K", {ev['new_tokens']} new tokens)
+## Evaluation (eval prompts, greedy, real speculative loop, {ev.get('weights', ev['dtype'])}, k={ev['draft_len']} \
+unless named "k=K", {ev['new_tokens']} new tokens)
 
 Eval prompts share no passage with the training or validation prompts and took no part in
-any choice: `auto`'s variant ({chosen_variant(sel)}) and its draft length (of {", ".join(map(str, sorted({cfg.draft_len, *cfg.select_draft_lens})))}),
+any choice: `auto`'s variant ({chosen_variant(sel)}) and its draft length (of {lens_tried}),
 the centroid top-k and the schedule were chosen on the validation prompts (`select.json` in the run directory).
 
 | drafter | prompts | tau | acceptance by position | decode tok/s | vs plain | greedy == plain |
