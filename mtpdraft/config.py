@@ -66,7 +66,8 @@ DEFAULT_SAMPLING = SamplingParams()
 DEFAULT_WEIGHTS = "auto"
 WEIGHT_CHOICES = ("auto", "gguf", "q8_0", "bf16", "fp32")
 
-# Tokens drafted per cycle. On held-out training prompts (never the bench set) k=6 was
+# Tokens drafted per cycle where neither the request nor the drafter (`auto.json`'s
+# `draft_len`, chosen with its variant) sets one. On held-out training prompts (never the bench set) k=6 was
 # the fastest of 3..6 and adaptive with the default quantized weights (a 7-token
 # verification ~2.5 one-token forwards), and as fast as k=4 or faster with bf16 (~1.5),
 # with a higher tau (README, the `--draft-len` paragraph; benchmarks/draft_len.py).

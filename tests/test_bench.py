@@ -184,6 +184,19 @@ def test_tiny_bench_end_to_end(tmp_path):
     md = (out / "b.md").read_text()
     assert "| copy |" in md and "**overall**" in md
     assert (out / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # no length asked and none of auto's: the default
+    assert (r["draft_len"], r["requested_draft_len"], r["draft_len_from_auto"]) == (6, None, False)
+
+
+def test_draft_len_note():
+    from mtpdraft.bench.report import _draft_len_note
+
+    assert _draft_len_note({"draft_len": 8, "draft_len_from_auto": True, "requested_draft_len": None}) == \
+        " (auto.json's, chosen with its variant)"
+    assert _draft_len_note({"draft_len": 8, "draft_len_from_auto": True, "requested_draft_len": 12}) == \
+        " (12 asked, capped to auto.json's)"
+    assert _draft_len_note({"draft_len": 4, "draft_len_from_auto": False, "requested_draft_len": 4}) == ""
+    assert _draft_len_note({"draft_len": 6, "draft_len_from_auto": False, "requested_draft_len": None}) == ""
 
 
 def test_bad_prompt_file_exits_2(tmp_path, capsys):

@@ -166,6 +166,8 @@ def test_train_config_refuses_bad_draft_lengths():
                 {"select_draft_lens": (True,)}):
         with pytest.raises(ValueError, match="draft_len and select_draft_lens must be integers in 1..32"):
             TrainConfig(**bad)
+    with pytest.raises(ValueError, match="select_draft_lens must be a list of draft lengths, got 8"):
+        TrainConfig(select_draft_lens=8)
     assert TrainConfig(select_draft_lens=(1, 32)).select_draft_lens == (1, 32)
 
 
@@ -240,6 +242,7 @@ def test_train_quick_end_to_end(tiny, tmp_path, one_thread, monkeypatch):
         return ship(cfg, tmp_path / dest)
 
     assert not decide({"ngram": 9.0, "combined": 5.0}, "none") and not (tmp_path / "none").exists()
+    assert not decide({"ngram k=2": 9.0, "combined": 5.0}, "none") and not (tmp_path / "none").exists()
     # plain decoding is a candidate too: nothing to ship when it beats every drafter
     assert not decide({"plain": 9.0, "ngram": 5.0, "combined": 6.0}, "none") and not (tmp_path / "none").exists()
     assert decide({"ngram": 5.0, "combined": 9.0, "mtp": 7.0}, "comb")

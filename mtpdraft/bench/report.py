@@ -13,6 +13,14 @@ def _x(x) -> str:
     return "n/a" if x is None else f"{x:.2f}x"
 
 
+def _draft_len_note(r: dict) -> str:
+    """Where the draft length came from, when auto.json set it."""
+    asked = r.get("requested_draft_len")
+    if not r.get("draft_len_from_auto") or asked == r.get("draft_len"):
+        return ""
+    return " (auto.json's, chosen with its variant)" if asked is None else f" ({asked} asked, capped to auto.json's)"
+
+
 def markdown_report(r: dict) -> str:
     m = r.get("machine", {})
     ident = r["identical_outputs"]
@@ -21,7 +29,7 @@ def markdown_report(r: dict) -> str:
         "",
         f"- dtype {r['dtype']}, {r['num_prompts']} prompts, max {r['max_new_tokens']} new tokens, "
         f"temperature {r['temperature']}, draft length {r.get('draft_len')}{' (adaptive)' if r.get('adaptive') else ''}"
-        + (" (auto.json's, chosen with its variant)" if r.get("draft_len_from_auto") else ""),
+        + _draft_len_note(r),
         f"- machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores ({m.get('torch_threads', '?')} torch threads), "
         f"torch {m.get('torch', '?')}, {m.get('date', '')}",
         f"- tokens/s: {r.get('tokens_per_s_definition', 'decode tokens / decode seconds')}",

@@ -218,7 +218,7 @@ def run_bench(model: str = DEFAULT_MODEL, drafter: str = "ngram", prompts: str |
     result = {"model": lm.name, "drafter": drafter, "dtype": dtype, "weights": lm.weights_format,
               "num_prompts": len(records),
               "max_new_tokens": max_new_tokens, "temperature": temperature, "draft_len": k,
-              "draft_len_from_auto": own is not None and k == own,
+              "requested_draft_len": spec.draft_len, "draft_len_from_auto": own is not None and k == own,
               "adaptive": adaptive, "seed": seed, "chat_template": has_chat_template(tok),
               "tokens_per_s_definition": "decode tokens / decode seconds summed over prompts and turns; "
                                          "the prefill and the token it produces are excluded",

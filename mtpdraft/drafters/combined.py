@@ -62,8 +62,8 @@ class ByTemperature:
     temperature (plain decoding measured fastest there; `for_request` then gives the request
     no drafter at all)."""
 
-    def __init__(self, greedy: Drafter | None, sampled: Drafter | None, sampled_len: int | None = None,
-                 greedy_len: int | None = None):
+    def __init__(self, greedy: Drafter | None, sampled: Drafter | None, *, greedy_len: int | None = None,
+                 sampled_len: int | None = None):
         for name, v in (("greedy_len", greedy_len), ("sampled_len", sampled_len)):
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")

@@ -147,6 +147,8 @@ class TrainConfig:
     top_k_tolerance: float = 0.02
 
     def __post_init__(self):
+        if not isinstance(self.select_draft_lens, (list, tuple)):
+            raise ValueError(f"select_draft_lens must be a list of draft lengths, got {self.select_draft_lens!r}")
         for k in (self.draft_len, *self.select_draft_lens):  # refused now, not after hours of training
             if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 32:
                 raise ValueError(f"draft_len and select_draft_lens must be integers in 1..32, got {k!r}")
@@ -772,7 +774,7 @@ def ship(cfg: TrainConfig, dest: str | Path) -> bool:
         _log(f"not shipped: validation tau {c['mtp']['tau']} <= untrained {c['mtp_untrained']['tau']}")
         return False
     best = chosen_variant(sel)
-    if best in ("ngram", "plain"):
+    if best.partition(LEN_TAG)[0] in ("ngram", "plain"):
         _log(f"not shipped: on validation {'prompt lookup alone' if best == 'ngram' else 'plain decoding'} "
              f"({c[best]['decode_tokens_per_s']} tok/s) is faster than every variant with the drafter")
         return False
@@ -849,7 +851,9 @@ def model_card(cfg: TrainConfig, ev: dict, sel: dict) -> str:
 |---|---|---|---|---|
 {chr(10).join(rows_t)}
 """
-    lens_tried = ", ".join(map(str, sorted({cfg.draft_len, *cfg.select_draft_lens})))
+    # the lengths the selection ran (a run resumed from before select_draft_lens ran one)
+    lens_tried = ", ".join(map(str, sorted({cfg.draft_len} | {int(n.partition(LEN_TAG)[2])
+                                                              for n in sel["configs"] if LEN_TAG in n})))
     defaults = asdict(TrainConfig(model=cfg.model, out=cfg.out))
     changed = " ".join(f"--set {k}='{json.dumps(v)}'" for k, v in asdict(cfg).items()
                        if k not in ("model", "out") and json.dumps(v) != json.dumps(defaults[k]))
