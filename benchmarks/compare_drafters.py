@@ -28,7 +28,7 @@ from mtpdraft.bench import machine_info
 from mtpdraft.drafters import MTPDraftSource, NgramDrafter, make_drafter
 from mtpdraft.drafters.combined import CombinedDrafter
 from mtpdraft.train.data import encode_prompt, load_prompts, uses_chat
-from mtpdraft.train.evaluate import evaluate
+from mtpdraft.train.evaluate import at_draft_lens, evaluate
 from mtpdraft.train.train import TrainConfig
 
 HERE = Path(__file__).parent
@@ -70,9 +70,7 @@ def main() -> None:
     ks = [int(k) for k in a.draft_len.split(",")]
     lens = {}
     if len(ks) > 1:  # each drafting configuration once per draft length, named "... k=K"
-        confs = {f"{n} k={k}" if n != "plain" else n: f
-                 for n, f in confs.items() for k in (ks if n != "plain" else ks[:1])}
-        lens = {n: int(n.rpartition("k=")[2]) for n in confs if n != "plain"}
+        confs, lens = at_draft_lens(confs, ks)
     res = evaluate(model, tok, prompts, confs, a.max_new_tokens, ks[0], temperature=a.temperature, draft_lens=lens)
     res.update(machine=machine_info()["cpu"], threads=torch.get_num_threads(), weights=model.weights_format,
                prompt_set=a.prompts)

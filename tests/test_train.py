@@ -159,6 +159,16 @@ def test_training_can_start_from_an_existing_drafter(tiny, tmp_path, one_thread)
         run_layer_types(TrainConfig(init_from=str(tmp_path / "missing")))
 
 
+def test_at_draft_lens_names_each_length():
+    from mtpdraft.train.evaluate import at_draft_lens
+
+    plain, mtp = (lambda: None), (lambda: "mtp")
+    confs, lens = at_draft_lens({"plain": plain, "mtp": mtp}, [2, 8])
+    assert confs == {"plain": plain, "mtp k=2": mtp, "mtp k=8": mtp} and lens == {"mtp k=2": 2, "mtp k=8": 8}
+    confs, lens = at_draft_lens({"mtp": mtp}, [], fixed=())
+    assert confs == lens == {}
+
+
 def test_train_config_refuses_bad_draft_lengths():
     from mtpdraft.train.train import TrainConfig
 

@@ -42,6 +42,24 @@ def _sum_stats(parts: list[Stats]) -> dict:
     }
 
 
+LEN_TAG = " k="  # "combined@0.6 k=8": a configuration run at draft length 8
+
+
+def at_draft_lens(drafters: dict[str, Callable[[], object]], lens: list[int], fixed: tuple[str, ...] = ("plain",)
+                  ) -> tuple[dict[str, Callable[[], object]], dict[str, int]]:
+    """Every configuration not in `fixed` once per draft length, named "NAME k=K" (those in
+    `fixed` once, as they are) -> (configurations, evaluate's draft_lens), so that lengths
+    compare within one run."""
+    out, draft_lens = {}, {}
+    for n, f in drafters.items():
+        for k in ([None] if n in fixed else lens):
+            name = n if k is None else f"{n}{LEN_TAG}{k}"
+            out[name] = f
+            if k is not None:
+                draft_lens[name] = k
+    return out, draft_lens
+
+
 def evaluate(model: CausalLM, tokenizer, prompts: list[list[int]], drafters: dict[str, Callable[[], object]],
              new_tokens: int, draft_len: int = 4, only_first: dict[str, int] | None = None,
              progress: bool = True, temperature: float = 0.0, draft_lens: dict[str, int] | None = None) -> dict:

@@ -50,6 +50,7 @@ import torch
 from ..config import DEFAULT_DRAFT_LEN
 from ..drafters.combined import FALLBACK_MIN_MATCH
 from .data import Job, encode_prompt, generate_batch, load_prompts, split_sets, training_only, uses_chat
+from .evaluate import LEN_TAG, at_draft_lens, evaluate
 from .features import Features, compute_features
 from .model import cluster_of, head_loss, inference_correct, new_drafter, source_layers, unrolled
 
@@ -654,9 +655,6 @@ def tune_top_k(cfg: TrainConfig, target, val: Features) -> dict:
 
 
 # -- stage 4 --------------------------------------------------------------------------------
-LEN_TAG = " k="  # "combined@0.6 k=8": a variant at a draft length other than TrainConfig.draft_len
-
-
 def chosen_variant(select: dict) -> str:
     """What `--drafter auto` runs: of plain decoding (no draft), MTP alone, prompt lookup
     alone and the combined variants, the fastest on the validation prompts."""
@@ -674,7 +672,6 @@ def stage_eval(cfg: TrainConfig, prompt_set: list[dict], name: str, only: list[s
     from .. import load
     from ..drafters import MTPDraftSource, NgramDrafter, make_drafter
     from ..drafters.combined import CombinedDrafter
-    from .evaluate import evaluate
 
     out = Path(cfg.out)
     path = out / f"{name}.json"
@@ -697,10 +694,10 @@ def stage_eval(cfg: TrainConfig, prompt_set: list[dict], name: str, only: list[s
         drafters[f"combined@{g}"] = lambda gated=gated: CombinedDrafter(gated, min_match=cfg.min_match)
     for n in cfg.fallback_lens:
         drafters[f"fallback:{n}"] = lambda n=n: CombinedDrafter.fallback(mtp, n)
-    lens = {}
-    for k in sorted(set(cfg.select_draft_lens) - {cfg.draft_len}):  # the same variants at other lengths
-        for n in [n for n in drafters if n not in ("plain", "mtp_untrained") and LEN_TAG not in n]:
-            drafters[f"{n}{LEN_TAG}{k}"], lens[f"{n}{LEN_TAG}{k}"] = drafters[n], k
+    # the same variants at the other draft lengths: "NAME k=K" (unnamed: cfg.draft_len)
+    extra, lens = at_draft_lens({n: f for n, f in drafters.items() if n not in ("plain", "mtp_untrained")},
+                                sorted(set(cfg.select_draft_lens) - {cfg.draft_len}), fixed=())
+    drafters.update(extra)
     if only is not None:
         drafters = {n: f for n, f in drafters.items() if n in only}
     res = evaluate(model, tok, prompts, drafters, cfg.eval_new_tokens, cfg.draft_len,
@@ -852,8 +849,7 @@ def model_card(cfg: TrainConfig, ev: dict, sel: dict) -> str:
 {chr(10).join(rows_t)}
 """
     # the lengths the selection ran (a run resumed from before select_draft_lens ran one)
-    lens_tried = ", ".join(map(str, sorted({cfg.draft_len} | {int(n.partition(LEN_TAG)[2])
-                                                              for n in sel["configs"] if LEN_TAG in n})))
+    lens_tried = ", ".join(map(str, sorted({r.get("draft_len", cfg.draft_len) for r in sel["configs"].values()})))
     defaults = asdict(TrainConfig(model=cfg.model, out=cfg.out))
     changed = " ".join(f"--set {k}='{json.dumps(v)}'" for k, v in asdict(cfg).items()
                        if k not in ("model", "out") and json.dumps(v) != json.dumps(defaults[k]))
