@@ -77,6 +77,24 @@ def test_context_limit_ends_with_length(tiny_dirs):
         assert len(prompt) + len(out) == 20 and stopper.reason == "length"
 
 
+def test_cache_holds_the_request_not_the_context(tiny_dirs, monkeypatch):
+    """generate() sizes its cache to prompt + token budget (zeroing a whole context per
+    call cost tens of ms); drafting right up to the budget still fits, and the output
+    is the same as with the context-sized cache."""
+    model, tok = mtpdraft.load(str(tiny_dirs["gemma3_text"]), "fp32")
+    prompt = tok("abc abc abc abc").input_ids
+    sizes = []
+    new_cache = model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda *a, **kw: sizes.append(a[1]) or new_cache(*a, **kw))
+    for n in (1, 2, 9):
+        sp = SamplingParams(max_new_tokens=n, ignore_eos=True)
+        outs = [list(generate(model, prompt, sp, drafter=d, spec=SpecParams(8), max_len=ml))
+                for d in (None, NgramDrafter()) for ml in (None, len(prompt) + n)]
+        assert all(o == outs[0] for o in outs) and len(outs[0]) == n
+        assert max(sizes[-4:]) <= len(prompt) + n + 1
+    assert max(sizes) < 8192
+
+
 def _rows(model, tok, prompts, n, drafter=None):
     from mtpdraft.decoding.step import Row
 

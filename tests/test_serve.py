@@ -754,12 +754,12 @@ def test_a_failing_row_fails_alone(slow_srv, ref, monkeypatch):
     verify, forward = engine_mod.verify, s.engine.model.forward
     calls = collections.Counter()
 
-    def bad_verify(draft, draft_probs, logits, sp, gen=None):
+    def bad_verify(draft, draft_probs, logits, sp, gen=None, **kw):
         if sp.seed == 4242:  # the prefill's and two cycles' verifications pass
             calls[id(sp)] += 1
             if calls[id(sp)] > 3:
                 raise RuntimeError("injected verification failure")
-        return verify(draft, draft_probs, logits, sp, gen)
+        return verify(draft, draft_probs, logits, sp, gen, **kw)
 
     def bad_forward(tokens, cache, logits="all"):
         if any(n >= 150 for n in cache.lengths):

@@ -173,7 +173,8 @@ def test_speculative_sampling_matches_target_marginal(tiny_dirs, clustered):
 @pytest.mark.parametrize("clustered", [False, True])
 def test_mtp_drafts_are_sampled_from_their_own_distribution(tiny_dirs, clustered):
     """At temperature > 0 the MTP drafter draws its tokens from q (its logits at the request's
-    temperature / top-k) and returns q over the whole vocabulary; greedy requests get argmaxes."""
+    temperature / top-k) and returns q (over a clustered head's candidates, or the whole
+    vocabulary); greedy requests get argmaxes."""
     model, tok = model_and_tok(tiny_dirs, "llama")
     src = random_mtp(model, 0, clustered)
     prompt = tok("draft me").input_ids
@@ -187,14 +188,20 @@ def test_mtp_drafts_are_sampled_from_their_own_distribution(tiny_dirs, clustered
     sp = SamplingParams(temperature=1.3, top_k=12)
     d = src.propose(ctx(sp), 3)
     V = model.args.vocab_size
-    assert d.probs.shape == (3, V)
-    torch.testing.assert_close(d.probs.sum(-1), torch.ones(3))
-    assert all(float(d.probs[i, t]) > 0 for i, t in enumerate(d.tokens))
-    assert ((d.probs > 0).sum(-1) <= 12).all()
+    # a clustered head returns q over its candidates only (support), else over the vocabulary
+    assert (d.support is not None) == clustered
+    if clustered:
+        assert d.support.shape == d.probs.shape and d.support.shape[0] == 3 and d.support.shape[1] < V
+        assert all(len(set(row.tolist())) == row.numel() for row in d.support)  # distinct ids
+    q = d.dense_probs(V)
+    assert q.shape == (3, V)
+    torch.testing.assert_close(q.sum(-1), torch.ones(3))
+    assert all(float(q[i, t]) > 0 for i, t in enumerate(d.tokens))
+    assert ((q > 0).sum(-1) <= 12).all()
     # the first drafted token follows q[0] (the same for every seed: same context)
     n = 600
     counts = torch.bincount(torch.tensor([src.propose(ctx(sp, s), 1).tokens[0] for s in range(n)]), minlength=V)
-    assert 0.5 * float((counts / n - d.probs[0]).abs().sum()) < 0.1
+    assert 0.5 * float((counts / n - q[0]).abs().sum()) < 0.1
 
 
 @pytest.mark.parametrize("fam", ["gemma3_text", "llama"])

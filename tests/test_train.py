@@ -238,6 +238,13 @@ def test_train_quick_end_to_end(tiny, tmp_path, one_thread, monkeypatch):
     assert tau_after > tau_before, (tau_after, tau_before)
     # resuming a finished run redoes nothing
     assert main(["train", "--model", str(path), "--dtype", "fp32", "--out", str(out), "--quick"]) == 0
+    # the centroid top-k tuning also measured how often the label's cluster is searched: a
+    # ceiling on the first token's accuracy, rising with the clusters searched
+    tuning = json.loads((out / "train_log.json").read_text())["top_k_tuning"]
+    recall, acc1 = tuning["val_step1_cluster_recall_by_top_k"], tuning["val_step1_acc_by_top_k"]
+    assert recall.keys() == acc1.keys() == tuning["val_tau_by_top_k"].keys() and len(recall) >= 2
+    assert all(0 < acc1[k] <= recall[k] <= 1 for k in recall)
+    assert [recall[k] for k in sorted(recall, key=int)] == sorted(recall.values())
     # shipping decides on the validation figures (select.json), and the card reports the eval ones
     from mtpdraft.train.train import TrainConfig, ship
 
@@ -264,6 +271,8 @@ def test_train_quick_end_to_end(tiny, tmp_path, one_thread, monkeypatch):
     assert "(combined k=2) and its draft length (of 2, 6)" in (tmp_path / "comb2" / "README.md").read_text()
     card = (tmp_path / "comb" / "README.md").read_text()
     assert "eval prompts" in card and f"{ev['configs']['mtp']['tau']:.2f}" in card
+    k = str(json.loads((out / "drafter" / "config.json").read_text())["centroid_intermediate_top_k"])
+    assert f"its label's cluster is among them {recall[k]:.0%} of the time" in card
     assert decide({"ngram": 5.0, "combined": 6.0, "mtp": 9.0}, "alone")
     assert json.loads((tmp_path / "alone" / "auto.json").read_text())["drafter"] == "mtp"
     assert isinstance(make_drafter(str(tmp_path / "alone"), model), type(trained))

@@ -92,6 +92,27 @@ def test_sampling_is_distributed_as_the_target(sp, draft):
     assert tv < 0.02, (got, want)
 
 
+def test_q_over_a_support_is_q_over_the_vocabulary():
+    """A clustered drafter's q given over its candidate ids (support) makes verify() take the
+    same decisions, draw for draw, as the same q written out over the whole vocabulary."""
+    g = torch.Generator().manual_seed(7)
+    support = torch.tensor([[6, 1, 3, 0, 5], [2, 7, 4, 1, 0]])
+    q = torch.softmax(torch.randn(2, 5, generator=g) * 2, -1)
+    dense = torch.zeros(2, 8).scatter_(1, support, q)
+    for sp in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.8)):
+        outs = {}
+        for form in ("dense", "support"):
+            g1 = torch.Generator().manual_seed(11)
+            got = []
+            for _ in range(3000):
+                d = torch.multinomial(dense, 1, generator=g1)[:, 0]
+                args = (dense, LOGITS, sp, g1) if form == "dense" else (q, LOGITS, sp, g1)
+                got.append(verify(d, *args, support=None if form == "dense" else support))
+            outs[form] = got
+        assert outs["dense"] == outs["support"]
+        assert {n for n, _ in outs["dense"]} == {0, 1, 2}  # rejections, partial and full acceptance
+
+
 def test_second_token_conditional_distribution():
     """Given the first draft token was accepted, the next emitted token follows p[1]."""
     sp = SamplingParams(temperature=1.0)

@@ -46,7 +46,10 @@ def generate(model: CausalLM, prompt_ids: list[int], sp: SamplingParams | None =
               min(max_len or 8192, model.args.max_position_embeddings), drafter,
               spec.draft_len, spec.adaptive,
               stats=stats if stats is not None else Stats())
-    batch = Batch(model, 1, row.max_len, max_draft=row.draft_len)
+    # the cache holds what this request can write (its prompt and token budget), not the
+    # whole context: zeroing 8192 positions of every layer costs tens of ms per call
+    batch = Batch(model, 1, min(row.max_len, len(row.prompt) + row.stopper.sp.max_new_tokens + 1),
+                  max_draft=row.draft_len)
     yield from batch.admit(row).tokens
     while not row.done:
         out = batch.step().rows[0]

@@ -235,8 +235,7 @@ class Batch:
         if k <= 0:
             return Draft([])
         ctx = DraftContext(r.tokens, r.hidden, self.model, self.cache.rows(i, i + 1), 0, r.sp, r.gen)
-        d = r.drafter.propose(ctx, k)
-        return Draft(list(d.tokens[:k]), None if d.probs is None else d.probs[:k])
+        return r.drafter.propose(ctx, k).first(k)
 
     def _forward(self, inp: torch.Tensor, base: tuple[int, ...]) -> list:
         """One target forward over every row: per row (logits [N, V], hidden [N, D]).
@@ -269,7 +268,8 @@ class Batch:
         n = len(d.tokens)
         logits = logits[:n + 1]
         target = adjust_logits(logits, r.stopper.ids, d.tokens, r.sp)
-        n_acc, nxt = verify(torch.tensor(d.tokens, dtype=torch.long), d.probs, target, r.sp, r.gen)
+        n_acc, nxt = verify(torch.tensor(d.tokens, dtype=torch.long), d.probs, target, r.sp, r.gen,
+                            support=d.support)
         self.cache.truncate(i, base + 1 + n_acc)
         r.hidden = hidden[n_acc].clone()
         emitted = d.tokens[:n_acc] + [nxt]

@@ -107,12 +107,14 @@ def _invert_cdf(p: torch.Tensor, u: torch.Tensor) -> int:
 
 
 def verify(draft: torch.Tensor, draft_probs: torch.Tensor | None, target_logits: torch.Tensor,
-           sp: SamplingParams, generator: torch.Generator | None = None) -> tuple[int, int]:
+           sp: SamplingParams, generator: torch.Generator | None = None,
+           support: torch.Tensor | None = None) -> tuple[int, int]:
     """Accept a prefix of `draft` and pick the target's next token.
 
-    draft: [k] token ids; draft_probs: [k, V] or None; target_logits: [k+1, V], row i is
-    the target's prediction after draft[:i]. Returns (accepted count n, next token): the
-    emitted tokens are draft[:n] + [next].
+    draft: [k] token ids; draft_probs: q, [k, V], or [k, C] over the distinct token ids
+    `support` [k, C] (0 elsewhere), or None (each draft token was an argmax: q a point
+    mass); target_logits: [k+1, V], row i is the target's prediction after draft[:i].
+    Returns (accepted count n, next token): the emitted tokens are draft[:n] + [next].
     """
     k = draft.shape[0]
     if sp.greedy:
@@ -127,15 +129,24 @@ def verify(draft: torch.Tensor, draft_probs: torch.Tensor | None, target_logits:
     for i in range(k):
         p = target_probs(target_logits[i], sp)  # [V]
         x = int(draft[i])
-        q_x = 1.0 if draft_probs is None else float(draft_probs[i, x])
+        if draft_probs is None:
+            q_x = 1.0
+        elif support is None:
+            q_x = float(draft_probs[i, x])
+        else:
+            at = (support[i] == x).nonzero()
+            q_x = float(draft_probs[i, at[0, 0]]) if at.numel() else 0.0
         u = torch.rand((), generator=generator).item()
         if u * q_x < float(p[x]):  # accept with prob min(1, p/q)
             continue
         if draft_probs is None:
             residual = p.clone()
             residual[x] = 0.0
-        else:
+        elif support is None:
             residual = (p - draft_probs[i].float()).clamp_min(0.0)
+        else:  # the same values as the dense form: p itself off the support
+            residual = p.clone()
+            residual[support[i]] = (p[support[i]] - draft_probs[i].float()).clamp_min(0.0)
         if residual.sum() <= 0:  # p == q: rejection had probability 0; fall back to p
             residual = p
         return i, sample(residual, generator)

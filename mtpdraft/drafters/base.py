@@ -37,8 +37,25 @@ class DraftContext:
 
 @dataclass
 class Draft:
+    """Proposed tokens and q, the distribution each was drawn from: probs None = argmax
+    (a point mass); else probs [len(tokens), V], or, with `support` [len(tokens), C]
+    (distinct token ids per row), probs [len(tokens), C] over those ids and 0 elsewhere:
+    a clustered head's few thousand candidates instead of a mostly-zero [n, 262144]."""
+
     tokens: list[int]
-    probs: torch.Tensor | None = None  # [len(tokens), V] or None = argmax (point mass)
+    probs: torch.Tensor | None = None
+    support: torch.Tensor | None = None
+
+    def dense_probs(self, vocab_size: int) -> torch.Tensor | None:
+        """q as [len(tokens), vocab_size] (None for argmax drafts)."""
+        if self.probs is None or self.support is None:
+            return self.probs
+        return torch.zeros(len(self.tokens), vocab_size).scatter_(1, self.support, self.probs.float())
+
+    def first(self, k: int) -> "Draft":
+        """The draft's first k tokens, with their q."""
+        cut = lambda t: None if t is None else t[:k]  # noqa: E731
+        return Draft(list(self.tokens[:k]), cut(self.probs), cut(self.support))
 
 
 @runtime_checkable

@@ -410,14 +410,10 @@ class MTPDraftSource:
             tok = torch.tensor([t])
         if not qs:
             return Draft(out)
-        # q over the whole vocabulary (clustered heads score only their candidates), filled in one block
-        probs = torch.zeros(len(qs), ctx.target.args.vocab_size)
-        for i, (ids, q) in enumerate(qs):
-            if ids is None:
-                probs[i] = q
-            else:
-                probs[i, ids[0]] = q
-        return Draft(out, probs)
+        if qs[0][0] is None:  # an unclustered head: q over the whole vocabulary
+            return Draft(out, torch.stack([q for _, q in qs]))
+        # a clustered head scores only its candidates: q over them (0 elsewhere)
+        return Draft(out, torch.stack([q for _, q in qs]), torch.cat([ids for ids, _ in qs]).long())
 
     def observe(self, accepted: int, proposed: int) -> None:
         pass

@@ -291,6 +291,15 @@ def inference_correct(drafter: MTPDrafter, target: CausalLM, y: torch.Tensor, la
 
 
 @torch.no_grad()
+def cluster_recalled(drafter: MTPDrafter, y: torch.Tensor, labels: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
+    """[N] bool: the label's cluster is among the top-k the centroids pick for rows y, as
+    at inference: the clustered head cannot draft a label outside them."""
+    c = drafter.config
+    top = _lin(y.float(), drafter.masked_embedding.centroids.weight.float()).topk(c.centroid_intermediate_top_k, -1)
+    return (top.indices == clusters[labels][:, None]).any(-1)
+
+
+@torch.no_grad()
 def head_candidates(drafter: MTPDrafter, target: CausalLM, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The clustered head at inference for rows y [N, width]: the token ids of the top-k
     clusters the centroids pick and their logits, both [N, top_k * V/C], in the same order."""

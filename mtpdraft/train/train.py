@@ -52,7 +52,7 @@ from ..drafters.combined import FALLBACK_MIN_MATCH
 from .data import Job, encode_prompt, generate_batch, load_prompts, split_sets, training_only, uses_chat
 from .evaluate import LEN_TAG, at_draft_lens, evaluate
 from .features import Features, compute_features
-from .model import cluster_of, head_loss, inference_correct, new_drafter, source_layers, unrolled
+from .model import cluster_of, cluster_recalled, head_loss, inference_correct, new_drafter, source_layers, unrolled
 
 
 @dataclass
@@ -418,6 +418,8 @@ def batch_loss(drafter, target, b: dict, cfg: TrainConfig, clusters: torch.Tenso
                                teacher=ht, distill_weight=cfg.distill_weight)
         if not train:  # exactly the inference head's argmax
             correct = inference_correct(drafter, target, yv, lv)
+            if drafter.config.use_ordered_embeddings:
+                metrics.setdefault("recall", []).append(int(cluster_recalled(drafter, yv, lv, clusters).sum()))
         if cfg.hidden_weight > 0:
             l = l + cfg.hidden_weight * ((h[ok] - ht) ** 2).mean() / (ht ** 2).mean().clamp_min(1e-6)
         loss = loss + weights[j - 1] / total * l
@@ -455,6 +457,7 @@ def validate(drafter, target, val: Features, cfg: TrainConfig, clusters) -> dict
     acc_n = [0] * cfg.draft_steps
     acc_c = [0] * cfg.draft_steps
     chain = [0] * cfg.draft_steps
+    recall = [0] * cfg.draft_steps
     for b in range(0, len(idx), 8):
         _, m = batch_loss(drafter, target, val.batch(idx[b:b + 8]), cfg, clusters, train=False)
         rows += m["rows"]
@@ -462,10 +465,14 @@ def validate(drafter, target, val: Features, cfg: TrainConfig, clusters) -> dict
             acc_n[j] += m["n"][j]
             acc_c[j] += m["acc"][j] * m["n"][j]
             chain[j] += m["chain"][j] if j < len(m.get("chain", [])) else 0
+            recall[j] += m["recall"][j] if j < len(m.get("recall", [])) else 0
     acc = [c / n if n else 0.0 for c, n in zip(acc_c, acc_n)]
     accept = [c / rows if rows else 0.0 for c in chain]
-    return {"val_step_acc": [round(a, 4) for a in acc], "val_accept_by_pos": [round(a, 4) for a in accept],
-            "val_tau": round(1 + sum(accept), 4)}
+    res = {"val_step_acc": [round(a, 4) for a in acc], "val_accept_by_pos": [round(a, 4) for a in accept],
+           "val_tau": round(1 + sum(accept), 4)}
+    if drafter.config.use_ordered_embeddings:  # the ceiling the clusters put on each step's accuracy
+        res["val_cluster_recall"] = [round(r / n, 4) if n else 0.0 for r, n in zip(recall, acc_n)]
+    return res
 
 
 def _trainable(drafter):
@@ -636,18 +643,23 @@ def tune_top_k(cfg: TrainConfig, target, val: Features) -> dict:
         return {}
     clusters = cluster_of(drafter)
     cands = sorted({k for k in (4, 8, 16, 32, c.centroid_intermediate_top_k) if k <= c.num_centroids})
-    taus = {}
+    taus, recall, acc1 = {}, {}, {}
     for k in cands:
         c.centroid_intermediate_top_k = k
-        taus[k] = validate(drafter, target, val, cfg, clusters).get("val_tau", 1.0)
-        _log(f"top-k {k}: validation teacher-forced tau {taus[k]}")
+        v = validate(drafter, target, val, cfg, clusters)
+        taus[k] = v.get("val_tau", 1.0)
+        recall[k], acc1[k] = v.get("val_cluster_recall", [0.0])[0], v.get("val_step_acc", [0.0])[0]
+        _log(f"top-k {k}: validation teacher-forced tau {taus[k]}, step 1: label's cluster searched "
+             f"{recall[k]:.1%}, right {acc1[k]:.1%}")
     best = max(taus.values())
     chosen = min(k for k, t in taus.items() if t >= best - cfg.top_k_tolerance)
     cfg_path = out / "drafter" / "config.json"
     dc = json.loads(cfg_path.read_text())
     dc["centroid_intermediate_top_k"] = chosen
     cfg_path.write_text(json.dumps(dc, indent=2))
-    res = {"val_tau_by_top_k": {str(k): t for k, t in taus.items()}, "chosen": chosen}
+    res = {"val_tau_by_top_k": {str(k): t for k, t in taus.items()}, "chosen": chosen,
+           "val_step1_cluster_recall_by_top_k": {str(k): r for k, r in recall.items()},
+           "val_step1_acc_by_top_k": {str(k): a for k, a in acc1.items()}}
     info["top_k_tuning"] = res
     log_path.write_text(json.dumps(info, indent=2))
     _log(f"centroid top-k: {chosen}")
@@ -816,6 +828,29 @@ def _timings(out: Path) -> str:
     return f"{parts} (total {sum(t.values()) / 60:.0f} min)" + (f"; {note}" if note else "")
 
 
+def _generated_text(out: Path, data: dict) -> str:
+    """How many tokens the target wrote for the data, and how fast (the data stage's last run)."""
+    gen = 0
+    for line in (out / "data" / "sequences.jsonl").read_text().splitlines():
+        if line.strip():
+            s = json.loads(line)
+            if not s["source"].startswith("file:"):  # a data file's text is the user's, not the target's
+                gen += len(s["tokens"]) - s["prompt_len"]
+    rate = data.get("tokens_per_s")
+    how = f" at {rate:,.0f} tok/s, {data.get('gen_batch', '?')} rows per forward" if rate else ""
+    return f"{gen:,} of them written by the target{how}"
+
+
+def _recall_text(tl: dict, dcfg: dict) -> str:
+    """What the centroid top-k tuning measured at the chosen k, for the model card."""
+    t, k = tl.get("top_k_tuning", {}), str(dcfg.get("centroid_intermediate_top_k"))
+    if k not in t.get("val_step1_cluster_recall_by_top_k", {}):
+        return ""
+    return (f" Validation, teacher-forced, first drafted token: its label's cluster is among them "
+            f"{t['val_step1_cluster_recall_by_top_k'][k]:.0%} of the time, the drafted token is right "
+            f"{t['val_step1_acc_by_top_k'][k]:.0%}.")
+
+
 def model_card(cfg: TrainConfig, ev: dict, sel: dict) -> str:
     from ..bench import machine_info
 
@@ -880,12 +915,12 @@ trained by `mtpdraft train` on text the target wrote itself. Load it with
 - Output head: the target's own output embeddings (`tie_output_to_target`), read by the
   post-projected state h' (width {dcfg['backbone_hidden_size']}); clustered: {dcfg['num_centroids']} equal clusters
   of the target's output-embedding rows (balanced recursive bisection), the top
-  {dcfg['centroid_intermediate_top_k']} scored by the centroids are searched for the argmax.
+  {dcfg['centroid_intermediate_top_k']} scored by the centroids are searched for the argmax.{_recall_text(tl, dcfg)}
 - {tl['params']:,} parameters; weights stored in bf16 ({size:.1f} MB).
 
 ## Training
-- Data: {data['sequences']} sequences ({data['total_tokens']:,} tokens, {data['trainable_positions']:,} trained positions),
-  written by the target ({cfg.dtype}) from the project's prompt set
+- Data: {data['sequences']} sequences ({data['total_tokens']:,} tokens, {data['trainable_positions']:,} trained positions;
+  {_generated_text(out, data)}), written by the target ({cfg.dtype}) from the project's prompt set
   (`mtpdraft/data/train_prompts.jsonl`, validation and eval prompts excluded{extra_text}) and from BOS: greedy
   continuations, many after {cfg.sample_first} tokens sampled at temperature {cfg.temperature}{sampled_rows}; {cfg.new_tokens} new tokens each.{user_text}
 - Objective: {cfg.draft_steps}-step unrolled teacher-forced drafting (the drafter's own h carried
