@@ -837,7 +837,8 @@ def _generated_text(out: Path, data: dict) -> str:
             if not s["source"].startswith("file:"):  # a data file's text is the user's, not the target's
                 gen += len(s["tokens"]) - s["prompt_len"]
     rate = data.get("tokens_per_s")
-    how = f" at {rate:,.0f} tok/s, {data.get('gen_batch', '?')} rows per forward" if rate else ""
+    how = (f" at {rate:,.0f} tok/s in the data stage's last run, up to {data.get('gen_batch', '?')} rows per forward"
+           if rate else "")
     return f"{gen:,} of them written by the target{how}"
 
 
