@@ -273,6 +273,10 @@ def test_train_quick_end_to_end(tiny, tmp_path, one_thread, monkeypatch):
     assert "eval prompts" in card and f"{ev['configs']['mtp']['tau']:.2f}" in card
     k = str(json.loads((out / "drafter" / "config.json").read_text())["centroid_intermediate_top_k"])
     assert f"its label's cluster is among them {recall[k]:.0%} of the time" in card
+    # the data stage counted what the target wrote (the continuations, not the prompts)
+    done = json.loads((out / "data" / "DONE.json").read_text())
+    assert done["target_tokens"] == sum(len(s["tokens"]) - s["prompt_len"] for s in seqs) > 0
+    assert f"{done['target_tokens']:,} of them written by the target at" in card
     assert decide({"ngram": 5.0, "combined": 6.0, "mtp": 9.0}, "alone")
     assert json.loads((tmp_path / "alone" / "auto.json").read_text())["drafter"] == "mtp"
     assert isinstance(make_drafter(str(tmp_path / "alone"), model), type(trained))

@@ -290,13 +290,17 @@ def inference_correct(drafter: MTPDrafter, target: CausalLM, y: torch.Tensor, la
     return ids.gather(1, logits.argmax(-1, keepdim=True))[:, 0] == labels
 
 
+def searched_clusters(drafter: MTPDrafter, y: torch.Tensor) -> torch.Tensor:
+    """[N, top_k] the clusters the centroids pick for rows y [N, width], as at inference."""
+    c = drafter.config
+    return _lin(y.float(), drafter.masked_embedding.centroids.weight.float()).topk(c.centroid_intermediate_top_k, -1).indices
+
+
 @torch.no_grad()
 def cluster_recalled(drafter: MTPDrafter, y: torch.Tensor, labels: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
-    """[N] bool: the label's cluster is among the top-k the centroids pick for rows y, as
-    at inference: the clustered head cannot draft a label outside them."""
-    c = drafter.config
-    top = _lin(y.float(), drafter.masked_embedding.centroids.weight.float()).topk(c.centroid_intermediate_top_k, -1)
-    return (top.indices == clusters[labels][:, None]).any(-1)
+    """[N] bool: the label's cluster is among those searched for rows y: the clustered
+    head cannot draft a label outside them."""
+    return (searched_clusters(drafter, y) == clusters[labels][:, None]).any(-1)
 
 
 @torch.no_grad()
@@ -306,7 +310,7 @@ def head_candidates(drafter: MTPDrafter, target: CausalLM, y: torch.Tensor) -> t
     c = drafter.config
     clusters = drafter.masked_embedding.token_ordering.view(c.num_centroids, -1)
     y = y.float()
-    top = _lin(y, drafter.masked_embedding.centroids.weight.float()).topk(c.centroid_intermediate_top_k, -1).indices
+    top = searched_clusters(drafter, y)
     return clusters[top].flatten(1), cluster_dot(y, ordered_table(drafter, target), top)
 
 

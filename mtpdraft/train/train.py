@@ -338,6 +338,9 @@ def stage_data(cfg: TrainConfig, model, tok, train_prompts: list[dict], val_prom
     info = dict(sequences=len(seqs), generated_tokens_this_run=ntok, seconds_this_run=round(dt, 1),
                 tokens_per_s=round(ntok / dt, 1) if dt > 0 else None,
                 total_tokens=sum(len(s["tokens"]) for s in seqs),
+                # what the target wrote (a data file's text is the user's, not the target's)
+                target_tokens=sum(len(s["tokens"]) - s["prompt_len"] for s in seqs
+                                  if not s["source"].startswith("file:")),
                 trainable_positions=sum(len(s["tokens"]) - max(s["prompt_len"], s["greedy_from"]) for s in seqs),
                 gen_batch=cfg.gen_batch, jobs=len(jobs))
     done_flag.write_text(json.dumps(info, indent=2))
@@ -828,18 +831,14 @@ def _timings(out: Path) -> str:
     return f"{parts} (total {sum(t.values()) / 60:.0f} min)" + (f"; {note}" if note else "")
 
 
-def _generated_text(out: Path, data: dict) -> str:
+def _generated_text(data: dict) -> str:
     """How many tokens the target wrote for the data, and how fast (the data stage's last run)."""
-    gen = 0
-    for line in (out / "data" / "sequences.jsonl").read_text().splitlines():
-        if line.strip():
-            s = json.loads(line)
-            if not s["source"].startswith("file:"):  # a data file's text is the user's, not the target's
-                gen += len(s["tokens"]) - s["prompt_len"]
+    if "target_tokens" not in data:  # a data stage from before it counted them
+        return ""
     rate = data.get("tokens_per_s")
     how = (f" at {rate:,.0f} tok/s in the data stage's last run, up to {data.get('gen_batch', '?')} rows per forward"
            if rate else "")
-    return f"{gen:,} of them written by the target{how}"
+    return f"; {data['target_tokens']:,} of them written by the target{how}"
 
 
 def _recall_text(tl: dict, dcfg: dict) -> str:
@@ -920,8 +919,8 @@ trained by `mtpdraft train` on text the target wrote itself. Load it with
 - {tl['params']:,} parameters; weights stored in bf16 ({size:.1f} MB).
 
 ## Training
-- Data: {data['sequences']} sequences ({data['total_tokens']:,} tokens, {data['trainable_positions']:,} trained positions;
-  {_generated_text(out, data)}), written by the target ({cfg.dtype}) from the project's prompt set
+- Data: {data['sequences']} sequences ({data['total_tokens']:,} tokens, {data['trainable_positions']:,} trained positions{_generated_text(data)}),
+  written by the target ({cfg.dtype}) from the project's prompt set
   (`mtpdraft/data/train_prompts.jsonl`, validation and eval prompts excluded{extra_text}) and from BOS: greedy
   continuations, many after {cfg.sample_first} tokens sampled at temperature {cfg.temperature}{sampled_rows}; {cfg.new_tokens} new tokens each.{user_text}
 - Objective: {cfg.draft_steps}-step unrolled teacher-forced drafting (the drafter's own h carried
