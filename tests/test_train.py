@@ -615,6 +615,24 @@ def test_data_file_is_teacher_forced_and_labelled_by_the_target(tiny, tmp_path, 
         file_sequences(TrainConfig(data_file=str(tmp_path / "missing.jsonl")), tok, 0)
 
 
+def test_a_data_budget_cuts_training_jobs_never_validation(tiny, tmp_path, one_thread):
+    """Every choice is made on the validation sequences: they are written first, whatever the
+    budget (a 2.4M-token budget cut once kept 4 of 68); the budget cuts the training jobs only
+    (here all of them: it is spent at once)."""
+    from mtpdraft.train.train import TrainConfig, stage_data
+
+    _, model, tok = tiny
+    train = [{"id": f"t{i}", "prompt": f"Training prompt number {i}"} for i in range(40)]
+    val = [{"id": f"v{i}", "prompt": f"Validation prompt {i}"} for i in range(20)]
+    cfg = TrainConfig.quick_config(out=str(tmp_path / "run"), bos_openings=0, data_budget_s=1e-9)
+    seqs = stage_data(cfg, model, tok, train, val)
+    assert sorted(s["source"] for s in seqs) == sorted(f"val/v{i}:{kind}" for i in range(20)
+                                                       for kind in ("greedy", "opened0"))
+    assert all(len(s["tokens"]) > s["prompt_len"] for s in seqs)
+    cfg = TrainConfig.quick_config(out=str(tmp_path / "all"), bos_openings=0)
+    assert len(stage_data(cfg, model, tok, train, val)) == 2 * (40 + 20)  # no budget: every job
+
+
 def test_input_embed_scale_is_chosen_per_target_and_applied(tiny, tmp_path, one_thread):
     """auto: the power of two bringing the target's embedding RMS nearest 1 (the tiny Llama-family
     table gets 8); scaling the embedding by s is the

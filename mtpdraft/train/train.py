@@ -86,7 +86,7 @@ class TrainConfig:
     temperature: float = 0.9
     sampled_per_prompt: int = 0  # fully sampled rows (labelled by the target's argmax)
     gen_batch: int = 64  # rows decoding together (<= 64 keeps the runtime's exact kernels)
-    data_budget_s: float = 0.0  # stop writing after this long (0 = write every job)
+    data_budget_s: float = 0.0  # stop writing training sequences after this long (0 = write every job)
     data_file: str | None = None  # also train on this text (JSONL, {"text": ...} per line), labelled by the target
     data_file_max_tokens: int = 512  # tokens kept per line of data_file
     data_deadline: str = ""  # or at this UTC wall-clock time ("HH:MM" today, or an ISO timestamp)
@@ -307,15 +307,23 @@ def stage_data(cfg: TrainConfig, model, tok, train_prompts: list[dict], val_prom
     t0, ntok = time.perf_counter(), 0
     bar = tqdm(total=len(jobs), initial=len(have), desc="data", unit="seq", dynamic_ncols=True)
     with seq_file.open("a") as f:
-        batches = [todo[i:i + cfg.gen_batch] for i in range(0, len(todo), cfg.gen_batch)]
-        random.Random(cfg.seed).shuffle(batches)  # a budget cut keeps every kind of job
-        for batch in batches:
-            if cfg.data_budget_s and time.perf_counter() - t0 > cfg.data_budget_s:
-                _log(f"data budget of {cfg.data_budget_s:.0f} s reached")
-                break
-            if deadline_ts(cfg.data_deadline) and time.time() > deadline_ts(cfg.data_deadline):
-                _log(f"data deadline {cfg.data_deadline} reached")
-                break
+        def chunks(js: list[dict]) -> list[list[dict]]:
+            return [js[i:i + cfg.gen_batch] for i in range(0, len(js), cfg.gen_batch)]
+
+        # the validation sequences (every choice is made on them; a few dozen) come first and
+        # are always written; the budget and deadline cut the training jobs, in shuffled
+        # batches so that a cut keeps every kind of job
+        val_batches = chunks([j for j in todo if j["source"].startswith(VAL)])
+        batches = chunks([j for j in todo if not j["source"].startswith(VAL)])
+        random.Random(cfg.seed).shuffle(batches)
+        for n, batch in enumerate(val_batches + batches):
+            if n >= len(val_batches):
+                if cfg.data_budget_s and time.perf_counter() - t0 > cfg.data_budget_s:
+                    _log(f"data budget of {cfg.data_budget_s:.0f} s reached")
+                    break
+                if deadline_ts(cfg.data_deadline) and time.time() > deadline_ts(cfg.data_deadline):
+                    _log(f"data deadline {cfg.data_deadline} reached")
+                    break
             gj = []
             for j in batch:
                 sf = j["sample_first"]
