@@ -617,7 +617,7 @@ def test_data_file_is_teacher_forced_and_labelled_by_the_target(tiny, tmp_path, 
 
 def test_a_data_budget_cuts_training_jobs_never_validation(tiny, tmp_path, one_thread):
     """Every choice is made on the validation sequences: they are written first, whatever the
-    budget (a 2.4M-token budget cut once kept 4 of 68); the budget cuts the training jobs only
+    budget (a 40-min budget cut of shuffled jobs once kept 4 of 68); the budget cuts the training jobs only
     (here all of them: it is spent at once)."""
     from mtpdraft.train.train import TrainConfig, stage_data
 
