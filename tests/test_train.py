@@ -678,3 +678,45 @@ def test_input_embed_scale_is_chosen_per_target_and_applied(tiny, tmp_path, one_
     assert initial_drafter(TrainConfig(out=str(run), **small), llama).config.input_embed_scale == 2.0
     assert initial_drafter(TrainConfig(out=str(tmp_path / "fresh"), **small), llama).config.input_embed_scale == \
         auto_embed_scale(llama)
+
+
+def test_recorded_features_are_those_of_a_second_forward(tiny, one_thread):
+    """The data stage's decoding records what the features stage would compute with a second
+    forward over the written text: hidden states, the read layers' K/V, the labels (a sampled
+    row's: the target's argmax). Only a sequence's last position, which decoding never runs,
+    is left out (zeros, no label)."""
+    from mtpdraft.train.data import Job, generate_batch
+    from mtpdraft.train.features import recorded_features
+
+    _, model, tok = tiny
+    layers = sorted(set(source_layers(["sliding_attention", "full_attention"], model)))
+    prompts = [tok(t).input_ids for t in ["abc", "a longer prompt here", "xyz xyz", "q"]]
+    jobs = [Job(prompts[0], 20), Job(prompts[1], 9), Job(prompts[2], 15, temperature=1.0, seed=3, sample_first=-1),
+            Job(prompts[3], 12, temperature=1.0, seed=4, sample_first=4)]
+    out = generate_batch(model, jobs, eos_ids=set(), max_rows=2, record=layers)
+    assert [t for t, _ in out] == generate_batch(model, jobs, eos_ids=set(), max_rows=2)  # recording changes nothing
+    seqs = [dict(id=i, tokens=t, prompt_len=len(j.prompt),
+                 greedy_from=-1 if j.sample_first < 0 else len(j.prompt) + j.sample_first)
+            for i, (j, (t, _)) in enumerate(zip(jobs, out))]
+    got = recorded_features(seqs, [r for _, r in out], layers, dtype=torch.float32)
+    ref = compute_features(model, seqs, layers, batch_tokens=32, dtype=torch.float32)
+    for name in ("offsets", "tokens", "train_from"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+    last = got.offsets[1:] - 1
+    run = torch.ones(int(got.offsets[-1]), dtype=torch.bool)
+    run[last] = False
+    torch.testing.assert_close(got.hidden[run], ref.hidden[run], rtol=1e-5, atol=1e-5)
+    for (k, v), (rk, rv) in zip(got.kv, ref.kv):
+        torch.testing.assert_close(k[run], rk[run], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v[run], rv[run], rtol=1e-5, atol=1e-5)
+    assert (got.labels[last] == -1).all() and not got.hidden[last].any()
+    s = seqs[2]  # the sampled row: labelled by the target's argmax, not by its own sampled tokens
+    lo, hi = int(got.offsets[2]) + s["prompt_len"] - 1, int(got.offsets[3]) - 1
+    logits = model(torch.tensor([s["tokens"]]), model.new_cache(1, 64)).logits[0]
+    assert got.labels[lo:hi].tolist() == logits[s["prompt_len"] - 1:-1].argmax(-1).tolist()
+    assert got.labels[lo:hi].tolist() != s["tokens"][s["prompt_len"]:]
+    sampled = torch.zeros_like(run)
+    sampled[lo:hi] = True  # (compute_features labels it with a bf16 copy of the head: near ties may differ)
+    assert torch.equal(got.labels[run & ~sampled], ref.labels[run & ~sampled])
+    with pytest.raises(ValueError, match="do not match"):
+        recorded_features(seqs[:1], [out[1][1]], layers)

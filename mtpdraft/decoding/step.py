@@ -61,6 +61,9 @@ class Row:
     adaptive: bool = False
     logprobs: int | None = None
     prompt_logprobs: bool = False
+    # keep, per cached position, the target's final hidden state and, where the row
+    # samples its argmax: the drafter trainer's features, written as the data is (train.data)
+    record: bool = False
     stats: Stats = field(default_factory=Stats)
     # state
     tokens: list[int] = field(init=False)  # prompt + committed tokens; the last is not yet in the cache
@@ -69,6 +72,8 @@ class Row:
     gen: torch.Generator | None = field(init=False)
     token_logprobs: list[Logprob] = field(init=False, default_factory=list)
     prompt_token_logprobs: list[Logprob] = field(init=False, default_factory=list)  # from the 2nd prompt token
+    states: list[torch.Tensor] = field(init=False, default_factory=list)  # record: hidden [n, D] per forward
+    argmax: list[int] = field(init=False, default_factory=list)  # record: from the last prompt position on (-1: greedy)
 
     def __post_init__(self):
         if not self.prompt:
@@ -153,6 +158,8 @@ class Batch:
                             row.gen)
             lps = logprobs_of(logits, [nxt], row.logprobs) if row.logprobs is not None else None
             row.hidden = out.hidden[0, -1].clone()
+            if row.record:
+                row.argmax.append(-1 if row.sp.greedy else int(logits.argmax()))
             row.stats.prefill_s += time.perf_counter() - t0
             kept, lps = row._commit([nxt], lps)
         except BaseException:
@@ -173,11 +180,15 @@ class Batch:
     def _prefill(self, row: Row, view):
         """The prompt in chunks of cache.max_chunk; with prompt logprobs the head reads every position."""
         tokens = torch.tensor([row.tokens])
-        if not row.prompt_logprobs:
+        if not row.prompt_logprobs and not row.record:
             return self.model.prefill(tokens, view)
-        for s in range(0, tokens.shape[1], view.max_chunk):
+        for s in range(0, tokens.shape[1], view.max_chunk):  # the chunks and calls of model.prefill
             chunk = tokens[:, s:s + view.max_chunk]
             out = self.model(chunk, view, logits="last")
+            if row.record:
+                row.states.append(out.hidden[0].clone())
+            if not row.prompt_logprobs:
+                continue
             n = min(chunk.shape[1], tokens.shape[1] - s - 1)  # position j scores token j + 1
             for a in range(0, n, HEAD_SLICE):
                 b = min(n, a + HEAD_SLICE)
@@ -272,6 +283,9 @@ class Batch:
                             support=d.support)
         self.cache.truncate(i, base + 1 + n_acc)
         r.hidden = hidden[n_acc].clone()
+        if r.record:
+            r.states.append(hidden[:n_acc + 1].clone())
+            r.argmax += [-1] * (n_acc + 1) if r.sp.greedy else logits[:n_acc + 1].argmax(-1).tolist()
         emitted = d.tokens[:n_acc] + [nxt]
         lps = logprobs_of(logits[:n_acc + 1], emitted, r.logprobs) if r.logprobs is not None else None
         s = r.stats

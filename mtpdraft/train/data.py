@@ -175,13 +175,21 @@ class Job:
 
 
 @torch.inference_mode()
-def generate_batch(model: CausalLM, jobs: list[Job], eos_ids: set[int], max_rows: int | None = None) -> list[list[int]]:
+def generate_batch(model: CausalLM, jobs: list[Job], eos_ids: set[int], max_rows: int | None = None,
+                   record: list[int] | None = None) -> list:
     """Write one sequence per job (prompt + continuation, ending after the first EOS
     or after its new_tokens), in the jobs' order.
 
     The rows go through the shared decoding step (`decoding.step.Batch`), at most
     `max_rows` at a time (default: all): each is prefilled alone, all decode together
     one position per forward, and a finished row's cache row takes the next job.
+
+    record: target layers whose K/V to keep. Then each result is (tokens, recorded): per
+    position of the sequence but its last (the one position never run), the target's final
+    hidden state and those layers' cached K/V as this decoding computed them, and from
+    the last prompt position on the target's argmax where the row sampled (-1 where it
+    decoded greedily). `features.recorded_features` turns them into the drafter's features
+    without a second forward over the text.
     """
     if not jobs:
         return []
@@ -191,7 +199,19 @@ def generate_batch(model: CausalLM, jobs: list[Job], eos_ids: set[int], max_rows
     todo, job_of, seqs = list(enumerate(jobs)), {}, [None] * len(jobs)
 
     def finish(row: Row) -> None:
-        seqs[job_of.pop(row)] = row.tokens
+        i = job_of.pop(row)
+        seqs[i] = row.tokens
+        if record is not None:
+            n = len(row.tokens) - 1  # positions run through the target (the cache may hold more
+            slot = batch.rows.index(row)  # when a stop cut accepted tokens; plain decoding: exactly n)
+            kv = []
+            for li in record:
+                lc = batch.cache.layers[li]
+                if n > lc.capacity:
+                    raise ValueError(f"layer {li} keeps {lc.capacity} positions, the sequence has {n}")
+                kv.append(tuple(t.clone() for t in lc.keys_at(slot, torch.arange(n))))
+            seqs[i] = (row.tokens, dict(hidden=torch.cat(row.states)[:n], kv=kv,
+                                        argmax=row.argmax[:n - len(row.prompt) + 1]))
         batch.release(row)
 
     while todo or batch.rows:
@@ -200,7 +220,7 @@ def generate_batch(model: CausalLM, jobs: list[Job], eos_ids: set[int], max_rows
             stop_sp = SamplingParams(max_new_tokens=j.new_tokens)
             sampled = j.temperature > 0 and j.sample_first != 0
             sp = SamplingParams(max_new_tokens=j.new_tokens, temperature=j.temperature, seed=j.seed) if sampled else stop_sp
-            row = Row(list(j.prompt), sp, StopChecker(stop_sp, eos_ids), batch.cache.max_len)
+            row = Row(list(j.prompt), sp, StopChecker(stop_sp, eos_ids), batch.cache.max_len, record=record is not None)
             job_of[row] = i
             if j.sample_first > 0:
                 greedy[row] = (j.sample_first, stop_sp)

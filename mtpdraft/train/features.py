@@ -39,12 +39,29 @@ class Features:
     def length(self, i: int) -> int:
         return int(self.offsets[i + 1] - self.offsets[i])
 
-    def save(self, path: Path) -> None:
-        torch.save({k: getattr(self, k) for k in self.__dataclass_fields__}, path)
+    def save(self, path: Path, ids: list[int] | None = None) -> None:
+        """ids: the sequences' ids, stored beside (a data stage's recorded batch)."""
+        state = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        torch.save(state if ids is None else {**state, "ids": list(ids)}, path)
 
     @classmethod
-    def load(cls, path: Path) -> "Features":
-        return cls(**torch.load(path, weights_only=True))
+    def load(cls, path: Path, with_ids: bool = False):
+        """The features (and with_ids: (features, their sequences' ids or None))."""
+        state = torch.load(path, weights_only=True)
+        ids = state.pop("ids", None)
+        return (cls(**state), ids) if with_ids else cls(**state)
+
+    def select(self, idx: list[int]) -> "Features":
+        """Sequences idx of these, in that order (these features themselves when idx is all)."""
+        if list(idx) == list(range(self.num_sequences)):
+            return self
+        spans = [slice(int(self.offsets[i]), int(self.offsets[i + 1])) for i in idx]
+        pick = lambda t: torch.cat([t[s] for s in spans]) if spans else t[:0]  # noqa: E731
+        lens = torch.tensor([s.stop - s.start for s in spans], dtype=torch.long)
+        offsets = torch.zeros(len(idx) + 1, dtype=torch.long)
+        offsets[1:] = lens.cumsum(0)
+        return Features(offsets, pick(self.tokens), pick(self.labels), self.train_from[list(idx)],
+                        pick(self.hidden), [(pick(k), pick(v)) for k, v in self.kv], self.layers)
 
     @classmethod
     def concat(cls, parts: list["Features"]) -> "Features":
@@ -78,6 +95,39 @@ class Features:
                 K[b, :n], V[b, :n] = k[s:s + n], v[s:s + n]
         return {"tokens": tok, "labels": lab, "hidden": hid, "kv": kv, "lengths": lens,
                 "train_from": self.train_from[idx]}
+
+
+def recorded_features(seqs: list[dict], recs: list[dict], layers: list[int],
+                      dtype: torch.dtype = torch.bfloat16) -> Features:
+    """The features of sequences whose decoding recorded them (`data.generate_batch(record=)`):
+    what compute_features gives, from the decode's own forwards instead of a second prefill.
+    A sequence's last position was never run: its hidden and K/V are zeros and it has no
+    label (compute_features labels it on a sampled sequence; no loss reads it otherwise)."""
+    hs, kvs, labs = [], [[] for _ in layers], []
+    for sq, rec in zip(seqs, recs):
+        toks, n, lo = sq["tokens"], len(sq["tokens"]), sq["prompt_len"] - 1
+        if rec["hidden"].shape[0] != n - 1 or len(rec["kv"]) != len(layers):
+            raise ValueError(f"recorded features of {sq.get('id')} do not match its {n} tokens / {len(layers)} layers")
+        hs.append(torch.cat([rec["hidden"].to(dtype), rec["hidden"].new_zeros(1, rec["hidden"].shape[1], dtype=dtype)]))
+        for out, (k, v) in zip(kvs, rec["kv"]):
+            out.append([torch.cat([t.to(dtype), t.new_zeros(1, *t.shape[1:], dtype=dtype)]) for t in (k, v)])
+        lab = torch.full((n,), -1, dtype=torch.long)
+        lab[:-1] = torch.tensor(toks[1:])
+        if sq.get("greedy_from", sq["prompt_len"]) < 0:  # sampled text: the target's argmax is the label
+            am = torch.tensor(rec["argmax"][:n - 1 - lo], dtype=torch.long)
+            lab[lo:lo + len(am)] = torch.where(am >= 0, am, lab[lo:lo + len(am)])
+        labs.append(lab)
+    lens = torch.tensor([len(sq["tokens"]) for sq in seqs], dtype=torch.long)
+    offsets = torch.zeros(len(seqs) + 1, dtype=torch.long)
+    offsets[1:] = lens.cumsum(0)
+    return Features(
+        offsets=offsets,
+        tokens=torch.cat([torch.tensor(sq["tokens"]) for sq in seqs]),
+        labels=torch.cat(labs),
+        train_from=torch.tensor([max(0, max(sq["prompt_len"], sq.get("greedy_from", 0)) - 1) for sq in seqs]),
+        hidden=torch.cat(hs),
+        kv=[(torch.cat([k for k, _ in layer]), torch.cat([v for _, v in layer])) for layer in kvs],
+        layers=list(layers))
 
 
 @torch.inference_mode()

@@ -18,10 +18,12 @@ resumes from OUT/ckpt.pt, and `touch OUT/STOP` ends it early with what it learne
                three disjoint sets: train, validation, eval) + short BOS openings;
                the target writes greedy continuations, some after a sampled opening
                (temperature), in batches of rows decoding together, for the train
-               and validation prompts -> data/sequences.jsonl
-  2. features  one batched prefill per group of sequences: the target's final
-               hidden h_p, the K/V of the layers the drafter reads, greedy labels
-               -> features/{train,val}.pt (val: the validation prompts' sequences)
+               and validation prompts -> data/sequences.jsonl; the decoding also
+               records what the drafter reads (data/recorded/*.pt, record_features)
+  2. features  per position: the target's final hidden h_p, the K/V of the layers
+               the drafter reads, greedy labels; as the data stage recorded them, or
+               one batched prefill per group of sequences it did not record (a
+               --data file) -> features/{train,val}.pt (val: the validation prompts')
   3. train     teacher-forced unrolled drafting (k steps, the drafter's own h
                carried between steps, the target's K/V at positions <= p, RoPE at
                p: exactly what inference does), clustered-head cross-entropy with
@@ -51,7 +53,7 @@ from ..config import DEFAULT_DRAFT_LEN
 from ..drafters.combined import FALLBACK_MIN_MATCH
 from .data import Job, encode_prompt, generate_batch, load_prompts, split_sets, training_only, uses_chat
 from .evaluate import LEN_TAG, at_draft_lens, evaluate
-from .features import Features, compute_features
+from .features import Features, compute_features, recorded_features
 from .model import cluster_of, cluster_recalled, head_loss, inference_correct, new_drafter, source_layers, unrolled
 
 
@@ -90,6 +92,10 @@ class TrainConfig:
     data_file: str | None = None  # also train on this text (JSONL, {"text": ...} per line), labelled by the target
     data_file_max_tokens: int = 512  # tokens kept per line of data_file
     data_deadline: str = ""  # or at this UTC wall-clock time ("HH:MM" today, or an ISO timestamp)
+    # the data stage's decoding keeps the drafter's features of what it writes (hidden state,
+    # K/V, argmax labels: exactly what decoding computes), so the features stage runs the
+    # target only over text it did not write (data_file); False: a second forward over all
+    record_features: bool = True
     # -- features -----------------------------------------------------------------------------
     feature_batch_tokens: int = 4096
     val_positions: int = 1500  # validate on (about) this many positions of the validation sequences
@@ -224,6 +230,7 @@ def drafter_settings(target, cfg: TrainConfig) -> dict:
 
 # -- stage 1 --------------------------------------------------------------------------------
 VAL = "val/"  # source prefix of the validation prompts' sequences (never trained on)
+RECORDED = "recorded"  # data/RECORDED/*.pt: the features the data stage's decoding recorded
 
 
 def make_jobs(cfg: TrainConfig, tok, train_prompts: list[dict], bos: int,
@@ -277,13 +284,17 @@ def file_sequences(cfg: TrainConfig, tok, first_id: int) -> list[dict]:
     return out
 
 
-def stage_data(cfg: TrainConfig, model, tok, train_prompts: list[dict], val_prompts: list[dict] = ()) -> list[dict]:
+def stage_data(cfg: TrainConfig, model, tok, train_prompts: list[dict], val_prompts: list[dict] = (),
+               layers: list[int] | None = None) -> list[dict]:
+    """Write the sequences (data/sequences.jsonl). With `layers`, the decoding also records
+    the drafter's features of every sequence it writes (data/recorded/*.pt, one file per
+    batch; the features stage then reads them instead of running the target again)."""
     from ..decoding.engine import eos_ids_of
     from tqdm import tqdm
 
     ddir = Path(cfg.out) / "data"
     ddir.mkdir(parents=True, exist_ok=True)
-    done_flag, seq_file = ddir / "DONE.json", ddir / "sequences.jsonl"
+    done_flag, seq_file, rdir = ddir / "DONE.json", ddir / "sequences.jsonl", ddir / RECORDED
     bos = getattr(tok, "bos_token_id", None)
     bos = bos if bos is not None else getattr(model.args, "bos_token_id", 0) or 0
     jobs = make_jobs(cfg, tok, train_prompts, bos, val_prompts)
@@ -329,14 +340,20 @@ def stage_data(cfg: TrainConfig, model, tok, train_prompts: list[dict], val_prom
                 sf = j["sample_first"]
                 gj.append(Job(j["prompt"], cfg.new_tokens, j["temperature"], j["seed"], j["source"],
                               sample_first=sf))
-            seqs = generate_batch(model, gj, eos)
-            for j, s in zip(batch, seqs):
+            out = generate_batch(model, gj, eos, record=layers)
+            recs = []
+            for j, s in zip(batch, out):
                 sf = j["sample_first"]
-                rec = dict(id=j["id"], source=j["source"], tokens=s, prompt_len=len(j["prompt"]),
-                           greedy_from=-1 if sf < 0 else len(j["prompt"]) + sf)
-                have[j["id"]] = rec
+                recs.append(dict(id=j["id"], source=j["source"], tokens=s[0] if layers is not None else s,
+                                 prompt_len=len(j["prompt"]), greedy_from=-1 if sf < 0 else len(j["prompt"]) + sf))
+            if layers is not None:  # the features first: a sequence in sequences.jsonl has its file
+                rdir.mkdir(exist_ok=True)
+                feats = recorded_features(recs, [s[1] for s in out], layers)
+                feats.save(rdir / f"{recs[0]['id']:08d}.pt", ids=[r["id"] for r in recs])
+            for rec in recs:
+                have[rec["id"]] = rec
                 f.write(json.dumps(rec) + "\n")
-                ntok += len(s) - len(j["prompt"])
+                ntok += len(rec["tokens"]) - rec["prompt_len"]
             f.flush()
             bar.update(len(batch))
             bar.set_postfix(tok_s=round(ntok / (time.perf_counter() - t0), 1))
@@ -369,16 +386,44 @@ def stage_features(cfg: TrainConfig, model, seqs: list[dict], layers: list[int])
     # validation: the sequences of the validation prompts (disjoint from the training prompts)
     split = {"train": [s for s in seqs if not s["source"].startswith(VAL)],
              "val": [s for s in seqs if s["source"].startswith(VAL)]}
+    recorded = recorded_by_id(Path(cfg.out) / "data" / RECORDED, seqs, layers)
     out = {}
     for n, part in split.items():
         t0 = time.perf_counter()
-        feats = compute_features(model, part, layers, cfg.feature_batch_tokens)
+        # what the data stage recorded, batch by batch; the target runs only over the rest
+        # (a data file's text, sequences of a data stage that recorded nothing)
+        by_file: dict[Path, list[int]] = {}
+        for sq in part:
+            if sq["id"] in recorded:
+                by_file.setdefault(recorded[sq["id"]][0], []).append(recorded[sq["id"]][1])
+        rest = [sq for sq in part if sq["id"] not in recorded]
+        parts = [Features.load(f).select(idx) for f, idx in by_file.items()]
+        if rest or not parts:
+            parts.append(compute_features(model, rest, layers, cfg.feature_batch_tokens))
+        feats = Features.concat(parts)
+        del parts
         dt = time.perf_counter() - t0
-        _log(f"features[{n}]: {len(part)} sequences, {int(feats.offsets[-1])} positions in {dt:.1f} s "
-             f"({int(feats.offsets[-1]) / max(dt, 1e-9):.0f} tok/s)")
+        _log(f"features[{n}]: {len(part)} sequences, {int(feats.offsets[-1])} positions "
+             f"({len(part) - len(rest)} recorded by the data stage, {len(rest)} run now) in {dt:.1f} s")
         feats.save(paths[n])
         out[n] = feats
     return out["train"], out["val"]
+
+
+def recorded_by_id(rdir: Path, seqs: list[dict], layers: list[int]) -> dict[int, tuple[Path, int]]:
+    """Sequence id -> (file, index in it) of the features the data stage recorded, for the
+    sequences whose recorded tokens are theirs and whose K/V are of `layers`."""
+    want = {s["id"]: s["tokens"] for s in seqs}
+    found = {}
+    for f in sorted(rdir.glob("*.pt")) if rdir.is_dir() else []:
+        feats, ids = Features.load(f, with_ids=True)
+        if ids is None or feats.layers != layers:
+            continue
+        for i, sid in enumerate(ids):
+            s, e = int(feats.offsets[i]), int(feats.offsets[i + 1])
+            if sid in want and feats.tokens[s:e].tolist() == want[sid]:
+                found[sid] = (f, i)
+    return found
 
 
 # -- stage 3 --------------------------------------------------------------------------------
@@ -750,8 +795,8 @@ def run(cfg: TrainConfig) -> dict:
     _log(f"target {cfg.model} ({model.weights_format}); prompts: {len(train_prompts)} training, "
          f"{len(val_prompts)} validation, {len(eval_prompts)} eval")
     t0 = time.perf_counter()
-    seqs = stage_data(cfg, model, tok, train_prompts, val_prompts)
     layers = sorted(set(source_layers(run_layer_types(cfg), model)))
+    seqs = stage_data(cfg, model, tok, train_prompts, val_prompts, layers if cfg.record_features else None)
     t1 = time.perf_counter()
     train, val = stage_features(cfg, model, seqs, layers)
     t2 = time.perf_counter()
