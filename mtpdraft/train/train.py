@@ -386,18 +386,14 @@ def stage_features(cfg: TrainConfig, model, seqs: list[dict], layers: list[int])
     # validation: the sequences of the validation prompts (disjoint from the training prompts)
     split = {"train": [s for s in seqs if not s["source"].startswith(VAL)],
              "val": [s for s in seqs if s["source"].startswith(VAL)]}
-    recorded = recorded_by_id(Path(cfg.out) / "data" / RECORDED, seqs, layers)
+    recorded = recorded_parts(Path(cfg.out) / "data" / RECORDED, split, layers)
     out = {}
     for n, part in split.items():
         t0 = time.perf_counter()
         # what the data stage recorded, batch by batch; the target runs only over the rest
         # (a data file's text, sequences of a data stage that recorded nothing)
-        by_file: dict[Path, list[int]] = {}
-        for sq in part:
-            if sq["id"] in recorded:
-                by_file.setdefault(recorded[sq["id"]][0], []).append(recorded[sq["id"]][1])
-        rest = [sq for sq in part if sq["id"] not in recorded]
-        parts = [Features.load(f).select(idx) for f, idx in by_file.items()]
+        parts, covered = recorded[n]
+        rest = [sq for sq in part if sq["id"] not in covered]
         if rest or not parts:
             parts.append(compute_features(model, rest, layers, cfg.feature_batch_tokens))
         feats = Features.concat(parts)
@@ -410,19 +406,22 @@ def stage_features(cfg: TrainConfig, model, seqs: list[dict], layers: list[int])
     return out["train"], out["val"]
 
 
-def recorded_by_id(rdir: Path, seqs: list[dict], layers: list[int]) -> dict[int, tuple[Path, int]]:
-    """Sequence id -> (file, index in it) of the features the data stage recorded, for the
-    sequences whose recorded tokens are theirs and whose K/V are of `layers`."""
-    want = {s["id"]: s["tokens"] for s in seqs}
-    found = {}
+def recorded_parts(rdir: Path, split: dict[str, list[dict]], layers: list[int]) -> dict[str, tuple[list, set]]:
+    """Per split name: (the features the data stage recorded for its sequences, read once per
+    file, and the ids they cover). A sequence counts where its recorded tokens are its own and
+    the K/V are of `layers`; one recorded twice (a resumed batch) is taken once."""
+    want = {n: {s["id"]: s["tokens"] for s in part} for n, part in split.items()}
+    found = {n: ([], set()) for n in split}
     for f in sorted(rdir.glob("*.pt")) if rdir.is_dir() else []:
         feats, ids = Features.load(f, with_ids=True)
         if ids is None or feats.layers != layers:
             continue
-        for i, sid in enumerate(ids):
-            s, e = int(feats.offsets[i]), int(feats.offsets[i + 1])
-            if sid in want and feats.tokens[s:e].tolist() == want[sid]:
-                found[sid] = (f, i)
+        for n, (parts, covered) in found.items():
+            idx = [i for i, sid in enumerate(ids) if sid in want[n] and sid not in covered
+                   and feats.tokens[int(feats.offsets[i]):int(feats.offsets[i + 1])].tolist() == want[n][sid]]
+            if idx:
+                parts.append(feats.select(idx))
+                covered.update(ids[i] for i in idx)
     return found
 
 
