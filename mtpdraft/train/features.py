@@ -117,17 +117,7 @@ def recorded_features(seqs: list[dict], recs: list[dict], layers: list[int],
             am = torch.tensor(rec["argmax"][:n - 1 - lo], dtype=torch.long)
             lab[lo:lo + len(am)] = torch.where(am >= 0, am, lab[lo:lo + len(am)])
         labs.append(lab)
-    lens = torch.tensor([len(sq["tokens"]) for sq in seqs], dtype=torch.long)
-    offsets = torch.zeros(len(seqs) + 1, dtype=torch.long)
-    offsets[1:] = lens.cumsum(0)
-    return Features(
-        offsets=offsets,
-        tokens=torch.cat([torch.tensor(sq["tokens"]) for sq in seqs]),
-        labels=torch.cat(labs),
-        train_from=torch.tensor([max(0, max(sq["prompt_len"], sq.get("greedy_from", 0)) - 1) for sq in seqs]),
-        hidden=torch.cat(hs),
-        kv=[(torch.cat([k for k, _ in layer]), torch.cat([v for _, v in layer])) for layer in kvs],
-        layers=list(layers))
+    return _assemble(seqs, hs, [list(zip(*layer)) for layer in kvs], labs, layers)
 
 
 @torch.inference_mode()
@@ -185,15 +175,24 @@ def compute_features(model: CausalLM, seqs: list[dict], layers: list[int], batch
             out_lab[g] = lab
         i += B
     idx = range(len(seqs))
-    lens = torch.tensor([len(seqs[g]["tokens"]) for g in idx])
+    return _assemble(seqs, [out_h[g] for g in idx],
+                     [([out_kv[g][j][0] for g in idx], [out_kv[g][j][1] for g in idx]) for j in range(len(layers))],
+                     [out_lab[g] for g in idx], layers)
+
+
+def _assemble(seqs: list[dict], hidden: list[torch.Tensor], kv: list[tuple[list, list]],
+              labels: list[torch.Tensor], layers: list[int]) -> Features:
+    """One Features from per-sequence rows (kv: per layer, the sequences' K list and V list).
+    The one place that says where a sequence's trained drafts start: at its last prompt
+    position, or at the last position of a sampled opening (greedy_from)."""
+    lens = torch.tensor([len(sq["tokens"]) for sq in seqs], dtype=torch.long)
     offsets = torch.zeros(len(seqs) + 1, dtype=torch.long)
     offsets[1:] = lens.cumsum(0)
-    kv = [(torch.cat([out_kv[g][j][0] for g in idx]), torch.cat([out_kv[g][j][1] for g in idx]))
-          for j in range(len(layers))]
     return Features(
         offsets=offsets,
-        tokens=torch.cat([torch.tensor(seqs[g]["tokens"]) for g in idx]),
-        labels=torch.cat([out_lab[g] for g in idx]),
-        train_from=torch.tensor([max(0, max(seqs[g]["prompt_len"], seqs[g].get("greedy_from", 0)) - 1) for g in idx]),
-        hidden=torch.cat([out_h[g] for g in idx]),
-        kv=kv, layers=list(layers))
+        tokens=torch.cat([torch.tensor(sq["tokens"]) for sq in seqs]),
+        labels=torch.cat(labels),
+        train_from=torch.tensor([max(0, max(sq["prompt_len"], sq.get("greedy_from", 0)) - 1) for sq in seqs]),
+        hidden=torch.cat(hidden),
+        kv=[(torch.cat(list(ks)), torch.cat(list(vs))) for ks, vs in kv],
+        layers=list(layers))
