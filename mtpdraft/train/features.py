@@ -103,21 +103,25 @@ def recorded_features(seqs: list[dict], recs: list[dict], layers: list[int],
     what compute_features gives, from the decode's own forwards instead of a second prefill.
     A sequence's last position was never run: its hidden and K/V are zeros and it has no
     label (compute_features labels it on a sampled sequence; no loss reads it otherwise)."""
-    hs, kvs, labs = [], [[] for _ in layers], []
+    def padded(t: torch.Tensor) -> torch.Tensor:  # + the never-run last position, as zeros
+        return torch.cat([t.to(dtype), t.new_zeros(1, *t.shape[1:], dtype=dtype)])
+
+    hs, kvs, labs = [], [([], []) for _ in layers], []
     for sq, rec in zip(seqs, recs):
         toks, n, lo = sq["tokens"], len(sq["tokens"]), sq["prompt_len"] - 1
         if rec["hidden"].shape[0] != n - 1 or len(rec["kv"]) != len(layers):
             raise ValueError(f"recorded features of {sq.get('id')} do not match its {n} tokens / {len(layers)} layers")
-        hs.append(torch.cat([rec["hidden"].to(dtype), rec["hidden"].new_zeros(1, rec["hidden"].shape[1], dtype=dtype)]))
-        for out, (k, v) in zip(kvs, rec["kv"]):
-            out.append([torch.cat([t.to(dtype), t.new_zeros(1, *t.shape[1:], dtype=dtype)]) for t in (k, v)])
+        hs.append(padded(rec["hidden"]))
+        for (ks, vs), (k, v) in zip(kvs, rec["kv"]):
+            ks.append(padded(k))
+            vs.append(padded(v))
         lab = torch.full((n,), -1, dtype=torch.long)
         lab[:-1] = torch.tensor(toks[1:])
         if sq.get("greedy_from", sq["prompt_len"]) < 0:  # sampled text: the target's argmax is the label
             am = torch.tensor(rec["argmax"][:n - 1 - lo], dtype=torch.long)
             lab[lo:lo + len(am)] = torch.where(am >= 0, am, lab[lo:lo + len(am)])
         labs.append(lab)
-    return _assemble(seqs, hs, [list(zip(*layer)) for layer in kvs], labs, layers)
+    return _assemble(seqs, hs, kvs, labs, layers)
 
 
 @torch.inference_mode()
@@ -194,5 +198,5 @@ def _assemble(seqs: list[dict], hidden: list[torch.Tensor], kv: list[tuple[list,
         labels=torch.cat(labels),
         train_from=torch.tensor([max(0, max(sq["prompt_len"], sq.get("greedy_from", 0)) - 1) for sq in seqs]),
         hidden=torch.cat(hidden),
-        kv=[(torch.cat(list(ks)), torch.cat(list(vs))) for ks, vs in kv],
+        kv=[(torch.cat(ks), torch.cat(vs)) for ks, vs in kv],
         layers=list(layers))
