@@ -181,6 +181,38 @@ def test_train_config_refuses_bad_draft_lengths():
     assert TrainConfig(select_draft_lens=(1, 32)).select_draft_lens == (1, 32)
 
 
+def test_bf16_training_precision_is_the_fp32_loss_with_fp32_weights(tiny, one_thread):
+    """train_precision bf16: the training forward's matmuls run in bf16 (the loss moves by
+    rounding only), while the loss, the weights and their gradients stay fp32; fp32 is
+    untouched by autocast. Unknown precisions are refused before any work."""
+    from mtpdraft.train.train import TrainConfig, batch_loss, train_autocast
+
+    with pytest.raises(ValueError, match="train_precision must be auto, bf16 or fp32, got 'fp16'"):
+        TrainConfig(train_precision="fp16")
+    _, model, _ = tiny
+    dr = _randomized(model, ["full_attention"])
+    for p in dr.parameters():
+        p.requires_grad_(p.is_floating_point())
+    g = torch.Generator().manual_seed(5)
+    seqs = [dict(tokens=torch.randint(4, 300, (n,), generator=g).tolist(), prompt_len=2) for n in (24, 17)]
+    layers = sorted(set(dr.source_layers(model)))
+    b = compute_features(model, seqs, layers).batch([0, 1])  # bf16 features, as a run stores them
+    cfg = TrainConfig(draft_steps=3, distill_weight=0.5, extra_clusters=2)
+    res = {}
+    for prec in ("fp32", "bf16"):
+        dr.zero_grad(set_to_none=True)
+        with train_autocast(TrainConfig(train_precision=prec)):
+            loss, _ = batch_loss(dr, model, b, cfg, cluster_of(dr))
+        loss.backward()
+        grads = {n: p.grad for n, p in dr.named_parameters() if p.requires_grad}
+        assert loss.dtype == torch.float32 and all(v is not None and v.dtype == torch.float32 for v in grads.values())
+        res[prec] = float(loss.detach()), torch.cat([v.flatten() for v in grads.values()])
+    (l32, g32), (l16, g16) = res["fp32"], res["bf16"]
+    assert l16 != l32 and abs(l16 - l32) < 0.02 * abs(l32), (l16, l32)  # bf16 ran, and only rounded
+    assert float(torch.nn.functional.cosine_similarity(g16, g32, dim=0)) > 0.98
+    assert all(p.dtype == torch.float32 for p in dr.parameters() if p.is_floating_point())
+
+
 def _tau(model, prompts, drafter_factory, n=32):
     st = Stats()
     outs = []

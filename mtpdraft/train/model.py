@@ -51,7 +51,9 @@ def draft_step(drafter: MTPDrafter, target: CausalLM, tokens: torch.Tensor, h: t
     T = tokens.shape[1]
 
     def attend(j, q, window):
-        k, v = (t.float() for t in kv[j])
+        # fp32, or the trainer's autocast dtype (autocast leaves attention in its inputs' dtype)
+        dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+        q, k, v = q.to(dt), kv[j][0].to(dt), kv[j][1].to(dt)
         if q.shape[2] != k.shape[2]:
             k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
             v = v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)
@@ -274,7 +276,8 @@ def head_loss(drafter: MTPDrafter, target: CausalLM, y: torch.Tensor, labels: to
             p = torch.softmax(kernels.softcap(p, cap) if cap else p, -1)
         loss_t = (1 - distill_weight) * loss_t + distill_weight * F.cross_entropy(logits, p)
     with torch.no_grad():
-        in_top = (cl.topk(c.centroid_intermediate_top_k, dim=-1).indices == lab_c[:, None]).any(1)
+        # the label's cluster ranks in the top k_c (a comparison count: a topk over all clusters costs more)
+        in_top = (cl > cl.gather(1, lab_c[:, None])).sum(1) < c.centroid_intermediate_top_k
         correct = (logits.argmax(-1) == tgt) & in_top
     return loss_t + centroid_weight * loss_c, correct
 
