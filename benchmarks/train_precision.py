@@ -25,13 +25,6 @@ from mtpdraft.train.features import Features
 from mtpdraft.train.train import TrainConfig, stage_train
 
 
-def _features(path: Path) -> Features:
-    # memory-mapped: a large run's train.pt is read as batches need it
-    state = torch.load(path, weights_only=True, mmap=True)
-    state.pop("ids", None)
-    return Features(**state)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="a training run's directory")
@@ -43,7 +36,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = json.loads((args.run / "config.json").read_text())
     target, _ = load(base["model"], base.get("dtype", "auto"))
-    train, val = _features(args.run / "features" / "train.pt"), _features(args.run / "features" / "val.pt")
+    # memory-mapped: a large run's train.pt is read as batches need it
+    train, val = (Features.load(args.run / "features" / f"{n}.pt", mmap=True) for n in ("train", "val"))
     res = []
     for prec in [p for p in args.precision.split(",") if p]:
         out = Path(f"{args.run}-{prec}-{args.iters}")

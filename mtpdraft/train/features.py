@@ -45,9 +45,10 @@ class Features:
         torch.save(state if ids is None else {**state, "ids": list(ids)}, path)
 
     @classmethod
-    def load(cls, path: Path, with_ids: bool = False):
-        """The features (and with_ids: (features, their sequences' ids or None))."""
-        state = torch.load(path, weights_only=True)
+    def load(cls, path: Path, with_ids: bool = False, mmap: bool = False):
+        """The features (and with_ids: (features, their sequences' ids or None)); mmap:
+        tensors memory-mapped, read from the file as they are used."""
+        state = torch.load(path, weights_only=True, mmap=mmap)
         ids = state.pop("ids", None)
         return (cls(**state), ids) if with_ids else cls(**state)
 
