@@ -16,6 +16,7 @@ import argparse
 import json
 import shutil
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -34,7 +35,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    base = json.loads((args.run / "config.json").read_text())
+    known = {f.name for f in fields(TrainConfig)}  # a run from before a setting was renamed
+    base = {k: v for k, v in json.loads((args.run / "config.json").read_text()).items() if k in known}
     target, _ = load(base["model"], base.get("dtype", "auto"))
     # memory-mapped: a large run's train.pt is read as batches need it
     train, val = (Features.load(args.run / "features" / f"{n}.pt", mmap=True) for n in ("train", "val"))

@@ -277,6 +277,15 @@ def test_train_quick_end_to_end(tiny, tmp_path, one_thread, monkeypatch):
     assert recall.keys() == acc1.keys() == tuning["val_tau_by_top_k"].keys() and len(recall) >= 2
     assert all(0 < acc1[k] <= recall[k] <= 1 for k in recall)
     assert [recall[k] for k in sorted(recall, key=int)] == sorted(recall.values())
+    # the top-k itself was chosen in the real loop: MTP alone at each candidate against plain
+    # decoding on the validation prompts (exact at every k), the fastest written to the config
+    stk = json.loads((out / "select_top_k.json").read_text())
+    assert stk["prompt_ids"] == sel["prompt_ids"] and stk["candidates"] == sorted(map(int, recall))
+    speeds = {k: stk["configs"][f"mtp top-k={k}"]["decode_tokens_per_s"] for k in stk["candidates"]}
+    assert all(stk["configs"][f"mtp top-k={k}"]["greedy_equal_to_plain"] == f"{len(sel['prompt_ids'])}/"
+               f"{len(sel['prompt_ids'])}" for k in speeds)
+    chosen = json.loads((out / "drafter" / "config.json").read_text())["centroid_intermediate_top_k"]
+    assert stk["chosen"] == chosen == max(speeds, key=speeds.get)
     # shipping decides on the validation figures (select.json), and the card reports the eval ones
     from mtpdraft.train.train import TrainConfig, ship
 
@@ -305,6 +314,7 @@ def test_train_quick_end_to_end(tiny, tmp_path, one_thread, monkeypatch):
     assert "eval prompts" in card and f"{ev['configs']['mtp']['tau']:.2f}" in card
     k = str(json.loads((out / "drafter" / "config.json").read_text())["centroid_intermediate_top_k"])
     assert f"its label's cluster is among them {recall[k]:.0%} of the time" in card
+    assert "Chosen in the real loop, MTP alone on" in card and f"{k}: {stk['configs'][f'mtp top-k={k}']['speedup_vs_plain']:.2f}x" in card
     # the data stage counted what the target wrote (the continuations, not the prompts)
     done = json.loads((out / "data" / "DONE.json").read_text())
     assert done["target_tokens"] == sum(len(s["tokens"]) - s["prompt_len"] for s in seqs) > 0

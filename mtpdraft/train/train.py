@@ -29,10 +29,11 @@ resumes from OUT/ckpt.pt, and `touch OUT/STOP` ends it early with what it learne
                p: exactly what inference does), clustered-head cross-entropy with
                a reduced softmax -> drafter/ (+ ckpt.pt while training)
   4. eval      tau, acceptance by position and tokens/s from the real speculative
-               loop: on the validation prompts every variant (plain, untrained MTP,
-               trained MTP, n-gram, combined = n-gram on a >= 2-token match, else
-               MTP, with confidence gates) -> select.json, where `auto`'s variant
-               is chosen; on the eval prompts plain, MTP, n-gram and that variant
+               loop: on the validation prompts the centroid top-k (MTP alone at each
+               candidate -> select_top_k.json, the fastest kept), then every variant
+               (plain, untrained MTP, trained MTP, n-gram, combined = n-gram on a
+               >= 2-token match, else MTP, with confidence gates) -> select.json,
+               where `auto`'s variant is chosen; on the eval prompts plain, MTP, n-gram and that variant
                -> eval.json (the reported figures)
 All settings live in TrainConfig; the command line sets a few of them.
 """
@@ -152,10 +153,10 @@ class TrainConfig:
     # also evaluate "fallback:L": prompt lookup on any n-gram match, else an MTP draft of at most L tokens
     fallback_lens: tuple[int, ...] = (1, 2)
     sampled_temperature: float = 0.7  # auto's variant for temperature > 0 is chosen at this one (0: not chosen)
-    # keep the smallest centroid top-k within this of the best validation tau. 0.02: in two
-    # gemma-3-270m runs (2026-12-06) top-k 8 was 0.012-0.013 below 32 (and above 16: noise of
-    # this size), yet faster in the real loop on the validation prompts, greedy and sampled
-    top_k_tolerance: float = 0.02
+    # centroid top-k (clusters searched per drafting step) candidates, chosen in the real loop:
+    # MTP alone, greedy, on the validation prompts, the fastest. Teacher-forced tau is logged
+    # per k too, but it chose 32 in three gemma-3-270m runs where 4 ran faster (README)
+    top_k_candidates: tuple[int, ...] = (4, 8, 16, 32)
 
     def __post_init__(self):
         if self.train_precision not in ("auto", "bf16", "fp32"):
@@ -696,11 +697,11 @@ def stage_train(cfg: TrainConfig, target, train: Features, val: Features):
     return drafter
 
 
-def tune_top_k(cfg: TrainConfig, target, val: Features) -> dict:
-    """Pick the drafter's centroid top-k (clusters searched per step): each cluster
-    costs gather + dot work in every drafting step, so keep the smallest k whose
-    validation teacher-forced tau is within `top_k_tolerance` of the largest k's.
-    Rewrites drafter/config.json; recorded in train_log.json (done once)."""
+def top_k_teacher_forced(cfg: TrainConfig, target, val: Features) -> dict:
+    """Teacher-forced validation per centroid top-k candidate (tau; at the first drafted
+    token, how often the label's cluster is searched and the token right), for the log and
+    the model card -> train_log.json "top_k_tuning" (done once). The choice is the real
+    loop's (select_top_k): this metric overstated a larger top-k's gain."""
     from ..drafters.mtp import MTPDrafter
 
     out = Path(cfg.out)
@@ -713,27 +714,62 @@ def tune_top_k(cfg: TrainConfig, target, val: Features) -> dict:
     if not c.use_ordered_embeddings:
         return {}
     clusters = cluster_of(drafter)
-    cands = sorted({k for k in (4, 8, 16, 32, c.centroid_intermediate_top_k) if k <= c.num_centroids})
     taus, recall, acc1 = {}, {}, {}
-    for k in cands:
+    for k in top_k_candidates(cfg, c.num_centroids, c.centroid_intermediate_top_k):
         c.centroid_intermediate_top_k = k
         v = validate(drafter, target, val, cfg, clusters)
         taus[k] = v.get("val_tau", 1.0)
         recall[k], acc1[k] = v.get("val_cluster_recall", [0.0])[0], v.get("val_step_acc", [0.0])[0]
         _log(f"top-k {k}: validation teacher-forced tau {taus[k]}, step 1: label's cluster searched "
              f"{recall[k]:.1%}, right {acc1[k]:.1%}")
-    best = max(taus.values())
-    chosen = min(k for k, t in taus.items() if t >= best - cfg.top_k_tolerance)
-    cfg_path = out / "drafter" / "config.json"
-    dc = json.loads(cfg_path.read_text())
-    dc["centroid_intermediate_top_k"] = chosen
-    cfg_path.write_text(json.dumps(dc, indent=2))
-    res = {"val_tau_by_top_k": {str(k): t for k, t in taus.items()}, "chosen": chosen,
+    res = {"val_tau_by_top_k": {str(k): t for k, t in taus.items()},
            "val_step1_cluster_recall_by_top_k": {str(k): r for k, r in recall.items()},
            "val_step1_acc_by_top_k": {str(k): a for k, a in acc1.items()}}
     info["top_k_tuning"] = res
     log_path.write_text(json.dumps(info, indent=2))
-    _log(f"centroid top-k: {chosen}")
+    return res
+
+
+def top_k_candidates(cfg: TrainConfig, num_centroids: int, current: int) -> list[int]:
+    return sorted({k for k in (*cfg.top_k_candidates, current) if 0 < k <= num_centroids})
+
+
+def select_top_k(cfg: TrainConfig, val_prompts: list[dict]) -> dict:
+    """Choose the centroid top-k in the real speculative loop: the MTP drafter alone, greedy,
+    at each candidate against plain decoding on the validation prompts in one run (rotating
+    order) -> OUT/select_top_k.json; the fastest goes into drafter/config.json. Each searched
+    cluster costs drafting time, and what a larger top-k adds to acceptance is small there."""
+    from .. import load
+    from ..drafters import make_drafter
+
+    out = Path(cfg.out)
+    path = out / "select_top_k.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    cfg_path = out / "drafter" / "config.json"
+    dc = json.loads(cfg_path.read_text())
+    # a run whose variants were selected before this stage existed keeps its top-k
+    if not dc.get("use_ordered_embeddings") or not val_prompts or (out / "select.json").exists():
+        return {}
+    cands = top_k_candidates(cfg, dc["num_centroids"], dc["centroid_intermediate_top_k"])
+    model, tok = load(cfg.model, cfg.dtype)
+    chat = uses_chat(tok, cfg.chat)
+    prompts = [encode_prompt(tok, p["prompt"], chat, cfg.max_prompt_tokens) for p in val_prompts[: cfg.eval_prompts]]
+    drafters = {"plain": lambda: None}
+    for k in cands:  # one drafter per k: its native step is built with the k it searches
+        src = make_drafter(str(out / "drafter"), model)
+        src.drafter.config.centroid_intermediate_top_k = k
+        drafters[f"mtp top-k={k}"] = lambda src=src: src
+    res = evaluate(model, tok, prompts, drafters, cfg.eval_new_tokens, cfg.draft_len)
+    speed = {k: res["configs"][f"mtp top-k={k}"]["decode_tokens_per_s"] for k in cands}
+    chosen = max(cands, key=lambda k: (speed[k], -k))
+    res.update(candidates=cands, chosen=chosen, prompt_set="validation",
+               prompt_ids=[p["id"] for p in val_prompts[: cfg.eval_prompts]])
+    dc["centroid_intermediate_top_k"] = chosen
+    cfg_path.write_text(json.dumps(dc, indent=2))
+    path.write_text(json.dumps(res, indent=2))
+    _log("centroid top-k, real loop (MTP alone, validation): "
+         + ", ".join(f"{k}: {speed[k]:.1f} tok/s" for k in cands) + f" -> {chosen}")
     return res
 
 
@@ -816,10 +852,11 @@ def run(cfg: TrainConfig) -> dict:
     train, val = stage_features(cfg, model, seqs, layers)
     t2 = time.perf_counter()
     stage_train(cfg, model, train, val)
-    tune_top_k(cfg, model, val)
+    top_k_teacher_forced(cfg, model, val)
     t3 = time.perf_counter()
     del train, val
     del model
+    select_top_k(cfg, val_prompts)
     select = stage_eval(cfg, val_prompts, "select")
     res = stage_eval(cfg, eval_prompts, "eval", only=sorted({"plain", "mtp", "ngram", chosen_variant(select)}))
     if cfg.sampled_temperature > 0:  # the same choice for sampled requests (acceptance differs there)
@@ -909,14 +946,23 @@ def _generated_text(data: dict) -> str:
     return f"; {data['target_tokens']:,} of them written by the target{how}"
 
 
-def _recall_text(tl: dict, dcfg: dict) -> str:
-    """What the centroid top-k tuning measured at the chosen k, for the model card."""
+def _recall_text(out: Path, tl: dict, dcfg: dict) -> str:
+    """How the centroid top-k was chosen (the real loop's tok/s per k) and what the
+    teacher-forced validation measured at it, for the model card."""
     t, k = tl.get("top_k_tuning", {}), str(dcfg.get("centroid_intermediate_top_k"))
-    if k not in t.get("val_step1_cluster_recall_by_top_k", {}):
-        return ""
-    return (f" Validation, teacher-forced, first drafted token: its label's cluster is among them "
-            f"{t['val_step1_cluster_recall_by_top_k'][k]:.0%} of the time, the drafted token is right "
-            f"{t['val_step1_acc_by_top_k'][k]:.0%}.")
+    text = ""
+    sel_path = out / "select_top_k.json"
+    if sel_path.exists():
+        sel = json.loads(sel_path.read_text())
+        speeds = ", ".join(f"{c}: {sel['configs'][f'mtp top-k={c}']['speedup_vs_plain']:.2f}x"
+                           for c in sel["candidates"])
+        text = (f" Chosen in the real loop, MTP alone on {sel['prompts']} validation prompts, greedy, "
+                f"k={sel['draft_len']}, against plain decoding (`select_top_k.json`): {speeds}.")
+    if k in t.get("val_step1_cluster_recall_by_top_k", {}):
+        text += (f" Validation, teacher-forced, first drafted token: its label's cluster is among them "
+                 f"{t['val_step1_cluster_recall_by_top_k'][k]:.0%} of the time, the drafted token is right "
+                 f"{t['val_step1_acc_by_top_k'][k]:.0%}.")
+    return text
 
 
 def model_card(cfg: TrainConfig, ev: dict, sel: dict) -> str:
@@ -983,7 +1029,7 @@ trained by `mtpdraft train` on text the target wrote itself. Load it with
 - Output head: the target's own output embeddings (`tie_output_to_target`), read by the
   post-projected state h' (width {dcfg['backbone_hidden_size']}); clustered: {dcfg['num_centroids']} equal clusters
   of the target's output-embedding rows (balanced recursive bisection), the top
-  {dcfg['centroid_intermediate_top_k']} scored by the centroids are searched for the argmax.{_recall_text(tl, dcfg)}
+  {dcfg['centroid_intermediate_top_k']} scored by the centroids are searched for the argmax.{_recall_text(out, tl, dcfg)}
 - {tl['params']:,} parameters; weights stored in bf16 ({size:.1f} MB).
 
 ## Training
