@@ -734,12 +734,22 @@ def top_k_candidates(cfg: TrainConfig, num_centroids: int, current: int) -> list
     return sorted({k for k in (*cfg.top_k_candidates, current) if 0 < k <= num_centroids})
 
 
+def _loop_prompts(cfg: TrainConfig, prompt_set: list[dict]):
+    """The target as `generate` runs it, and the first `eval_prompts` of prompt_set encoded as
+    it serves them (chat template or plain text): what every real-loop stage decodes."""
+    from .. import load
+
+    model, tok = load(cfg.model, cfg.dtype)
+    chat = uses_chat(tok, cfg.chat)
+    return model, tok, [encode_prompt(tok, p["prompt"], chat, cfg.max_prompt_tokens)
+                        for p in prompt_set[: cfg.eval_prompts]]
+
+
 def select_top_k(cfg: TrainConfig, val_prompts: list[dict]) -> dict:
     """Choose the centroid top-k in the real speculative loop: the MTP drafter alone, greedy,
     at each candidate against plain decoding on the validation prompts in one run (rotating
     order) -> OUT/select_top_k.json; the fastest goes into drafter/config.json. Each searched
     cluster costs drafting time, and what a larger top-k adds to acceptance is small there."""
-    from .. import load
     from ..drafters import make_drafter
 
     out = Path(cfg.out)
@@ -752,9 +762,7 @@ def select_top_k(cfg: TrainConfig, val_prompts: list[dict]) -> dict:
     if not dc.get("use_ordered_embeddings") or not val_prompts or (out / "select.json").exists():
         return {}
     cands = top_k_candidates(cfg, dc["num_centroids"], dc["centroid_intermediate_top_k"])
-    model, tok = load(cfg.model, cfg.dtype)
-    chat = uses_chat(tok, cfg.chat)
-    prompts = [encode_prompt(tok, p["prompt"], chat, cfg.max_prompt_tokens) for p in val_prompts[: cfg.eval_prompts]]
+    model, tok, prompts = _loop_prompts(cfg, val_prompts)
     drafters = {"plain": lambda: None}
     for k in cands:  # one drafter per k: its native step is built with the k it searches
         src = make_drafter(str(out / "drafter"), model)
@@ -788,7 +796,6 @@ def stage_eval(cfg: TrainConfig, prompt_set: list[dict], name: str, only: list[s
     """The real speculative loop on `prompt_set` -> OUT/{name}.json: "select" runs every
     variant on the validation prompts (the choices are made there), "eval" runs `only`
     these on the eval prompts (the reported figures); "*_sampled" the same at `temperature`."""
-    from .. import load
     from ..drafters import MTPDraftSource, NgramDrafter, make_drafter
     from ..drafters.combined import CombinedDrafter
 
@@ -796,9 +803,7 @@ def stage_eval(cfg: TrainConfig, prompt_set: list[dict], name: str, only: list[s
     path = out / f"{name}.json"
     if path.exists():
         return json.loads(path.read_text())
-    model, tok = load(cfg.model, cfg.dtype)
-    chat = uses_chat(tok, cfg.chat)
-    prompts = [encode_prompt(tok, p["prompt"], chat, cfg.max_prompt_tokens) for p in prompt_set[: cfg.eval_prompts]]
+    model, tok, prompts = _loop_prompts(cfg, prompt_set)
     mtp = make_drafter(str(out / "drafter"), model)
     untrained = make_drafter(str(out / "untrained"), model)
     drafters = {
