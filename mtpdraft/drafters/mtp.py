@@ -305,11 +305,11 @@ class MTPDrafter(nn.Module):
     def native_step(self, target: CausalLM):
         """step() as one native call (kernels.draft_step: the same kernels in the same order,
         so the same bits), built for `target` once and again whenever a weight of either
-        changes (training, reloading); None where step() runs in Python (a subclass's layers,
-        a dense head, no native kernels)."""
+        changes (training, reloading) or a setting does (the top-k it searches); None where
+        step() runs in Python (a subclass's layers, a dense head, no native kernels)."""
         tables = [target.embed_table, self.output_table(target)]
         tensors = [*self.parameters(), *self.buffers(), *(p for t in tables for p in getattr(t, "parts", [t]))]
-        key = tuple((t.data_ptr(), kernels.version(t)) for t in tensors)
+        key = (repr(self.config), *((t.data_ptr(), kernels.version(t)) for t in tensors))
         cached = self.__dict__.get("_native")  # (weak ref to the target, key, step)
         if cached is None or cached[0]() is not target or cached[1] != key:
             cached = self.__dict__["_native"] = (weakref.ref(target), key, self._build_native(target))

@@ -764,7 +764,7 @@ def select_top_k(cfg: TrainConfig, val_prompts: list[dict]) -> dict:
     cands = top_k_candidates(cfg, dc["num_centroids"], dc["centroid_intermediate_top_k"])
     model, tok, prompts = _loop_prompts(cfg, val_prompts)
     drafters = {"plain": lambda: None}
-    for k in cands:  # one drafter per k: its native step is built with the k it searches
+    for k in cands:  # one drafter per k: the rotation would otherwise rebuild the native step at each switch
         src = make_drafter(str(out / "drafter"), model)
         src.drafter.config.centroid_intermediate_top_k = k
         drafters[f"mtp top-k={k}"] = lambda src=src: src
@@ -1066,6 +1066,6 @@ the centroid top-k and the schedule were chosen on the validation prompts (`sele
 n-gram lookup on any match, else an MTP draft of at most L tokens. `--drafter auto` runs whichever
 of MTP alone, prompt lookup alone, the combined variants and plain decoding (no draft) was fastest
 on the validation prompts (settings in `auto.json`).
-Measured on a shared 2-core CPU; timings are noisy. Base-model greedy text loops a lot, which is
-where prompt lookup (n-gram) is hard to beat.
+Measured on a shared 2-core CPU; timings are noisy. Where the text repeats itself (base-model
+greedy text loops a lot), prompt lookup (n-gram) is hard to beat.
 {sampled}"""
