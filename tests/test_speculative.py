@@ -210,8 +210,8 @@ def test_mtp_drafts_are_sampled_from_their_own_distribution(tiny_dirs, clustered
 def test_native_drafting_step_is_the_python_step_bit_for_bit(tiny_dirs, tmp_path, monkeypatch, fam, dtype, tie):
     """MTPDrafter.native_step (the whole step in one native call) returns the same ids, logits
     and h' bits as step() over chained steps, proposes the same greedy drafts (a gate stopping
-    one mid-way included), and is rebuilt when a weight changes in place (training) or the
-    top-k it searches does."""
+    one mid-way included), and is rebuilt when a weight changes in place (training) or moves,
+    or the top-k it searches changes."""
     import mtpdraft.registry
 
     monkeypatch.setattr(mtpdraft.registry, "cache_root", lambda: tmp_path / "cache")  # q8_0 cache
@@ -258,6 +258,10 @@ def test_native_drafting_step_is_the_python_step_bit_for_bit(tiny_dirs, tmp_path
         assert all(torch.equal(a, b) for a, b in zip(want, d.native_step(model).step(7, hidden[None].float(),
                                                                                        positions, *kv)))
     built = d.native_step(model)
+    d.pre_projection.weight.data = d.pre_projection.weight.data.clone()  # a weight's data moves (a dtype change does)
+    assert d.native_step(model) is not built
+    built = d.native_step(model)
+    assert d.native_step(model) is built  # nothing changed: the step is kept
     d.config.centroid_intermediate_top_k = 2  # a setting changes (the trainer's top-k search): so does the step
     assert d.native_step(model) is not built
     with torch.inference_mode():

@@ -249,7 +249,12 @@ class MTPDrafter(nn.Module):
 
     # -- one drafting step ---------------------------------------------------------------
     def source_layers(self, target: CausalLM) -> list[int]:
-        return source_layers([layer.layer_type for layer in self.model.layers], target)
+        # kept per target: both are fixed once built, and every drafted token asks (~30 us of module lookups)
+        cached = self.__dict__.get("_source_layers")  # (weak ref to the target, its layer indices)
+        if cached is None or cached[0]() is not target:
+            ids = source_layers([layer.layer_type for layer in self.model.layers], target)
+            cached = self.__dict__["_source_layers"] = (weakref.ref(target), ids)
+        return list(cached[1])
 
     def source_attentions(self, target: CausalLM) -> list:
         """For each drafter layer, the target's Attention whose K/V (RoPE, window, scale) it reads."""
@@ -306,14 +311,24 @@ class MTPDrafter(nn.Module):
         """step() as one native call (kernels.draft_step: the same kernels in the same order,
         so the same bits), built for `target` once and again whenever a weight of either
         changes (training, reloading) or a setting does (the top-k it searches); None where
-        step() runs in Python (a subclass's layers, a dense head, no native kernels)."""
+        step() runs in Python (a subclass's layers, a dense head, no native kernels).
+
+        A weight counts as changed when its data moves (`p.data = ...`, a dtype change) or
+        is updated in place (an optimizer step, load_state_dict); the tensors are collected
+        once per build, so a module whose Parameter object is replaced needs a new drafter."""
+        cached = self.__dict__.get("_native")  # (weak ref to the target, tensors, their key, step)
+        if cached is not None and cached[0]() is target and cached[2] == self._native_key(cached[1]):
+            return cached[3]
         tables = [target.embed_table, self.output_table(target)]
-        tensors = [*self.parameters(), *self.buffers(), *(p for t in tables for p in getattr(t, "parts", [t]))]
-        key = (repr(self.config), *((t.data_ptr(), kernels.version(t)) for t in tensors))
-        cached = self.__dict__.get("_native")  # (weak ref to the target, key, step)
-        if cached is None or cached[0]() is not target or cached[1] != key:
-            cached = self.__dict__["_native"] = (weakref.ref(target), key, self._build_native(target))
-        return cached[2]
+        tensors = (*self.parameters(), *self.buffers(), *(p for t in tables for p in getattr(t, "parts", [t])))
+        step = self._build_native(target)
+        self.__dict__["_native"] = (weakref.ref(target), tensors, self._native_key(tensors), step)
+        return step
+
+    def _native_key(self, tensors) -> tuple:
+        # every drafted token checks it: the settings and each weight's address and version, not a module walk
+        settings = tuple(tuple(v) if isinstance(v, list) else v for v in vars(self.config).values())
+        return (settings, *((t.data_ptr(), kernels.version(t)) for t in tensors))
 
     def _build_native(self, target: CausalLM):
         c = self.config
