@@ -315,14 +315,16 @@ class MTPDrafter(nn.Module):
 
         A weight counts as changed when its data moves (`p.data = ...`, a dtype change) or
         is updated in place (an optimizer step, load_state_dict); the tensors are collected
-        once per build, so a module whose Parameter object is replaced needs a new drafter."""
-        cached = self.__dict__.get("_native")  # (weak ref to the target, tensors, their key, step)
-        if cached is not None and cached[0]() is target and cached[2] == self._native_key(cached[1]):
-            return cached[3]
-        tables = [target.embed_table, self.output_table(target)]
+        once per build, so a module whose Parameter object is replaced needs a new drafter
+        (the target's tables are looked up each time: reloading its weights replaces them)."""
+        tables = (target.embed_table, self.output_table(target))
+        cached = self.__dict__.get("_native")  # (weak ref to the target, tables, tensors, their key, step)
+        if cached is not None and cached[0]() is target and all(a is b for a, b in zip(cached[1], tables)) \
+                and cached[3] == self._native_key(cached[2]):
+            return cached[4]
         tensors = (*self.parameters(), *self.buffers(), *(p for t in tables for p in getattr(t, "parts", [t])))
         step = self._build_native(target)
-        self.__dict__["_native"] = (weakref.ref(target), tensors, self._native_key(tensors), step)
+        self.__dict__["_native"] = (weakref.ref(target), tables, tensors, self._native_key(tensors), step)
         return step
 
     def _native_key(self, tensors) -> tuple:
