@@ -67,6 +67,27 @@ def test_training_forward_equals_inference_steps(tiny, one_thread, layer_types):
         _inference_steps_match(model, dr, seq, outs, p, k)
 
 
+@pytest.mark.parametrize("layer_types", [["full_attention", "full_attention"], ["sliding_attention", "full_attention"]])
+def test_batch_loss_gives_each_drafter_layer_its_own_source_layer(tiny, one_thread, monkeypatch, layer_types):
+    """Features hold each target layer's K/V once, in layer order; drafter layers that share a
+    target layer, or list them in another order, each get their source layer's K/V."""
+    import mtpdraft.train.train as T
+
+    _, model, _ = tiny
+    dr = _randomized(model, layer_types)
+    layers = sorted(set(source_layers(layer_types, model)))
+    assert len(layers) < len(layer_types) or layers != source_layers(layer_types, model)  # the cases at issue
+    g = torch.Generator().manual_seed(7)
+    b = compute_features(model, [dict(tokens=torch.randint(4, 300, (20,), generator=g).tolist(), prompt_len=2)],
+                         layers, dtype=torch.float32).batch([0])
+    seen = []
+    monkeypatch.setattr(T, "unrolled", lambda d, t, seq, hid, kv, k: seen.append(kv) or unrolled(d, t, seq, hid, kv, k))
+    loss, _ = T.batch_loss(dr, model, b, T.TrainConfig(draft_steps=2, extra_clusters=2), cluster_of(dr))
+    want = [b["kv"][layers.index(i)] for i in source_layers(layer_types, model)]
+    assert len(seen[0]) == len(layer_types) and all(a is w for a, w in zip(seen[0], want))
+    assert torch.isfinite(loss)
+
+
 @torch.inference_mode()
 def _inference_steps_match(model, dr, seq, outs, p, k):
     """Drafting steps from position p as MTPDraftSource runs them equal the training forward's."""

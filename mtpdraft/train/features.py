@@ -77,8 +77,9 @@ class Features:
                    parts[0].layers)
 
     def batch(self, idx: list[int]) -> dict:
-        """Pad sequences idx to a common length: tokens, labels, hidden, kv, and per row
-        the first position p from which drafts are trained (train_from)."""
+        """Pad sequences idx to a common length: tokens, labels, hidden, kv (one per target
+        layer of `layers`, which the batch names too), and per row the first position p
+        from which drafts are trained (train_from)."""
         lens = [self.length(i) for i in idx]
         T = max(lens)
         B = len(idx)
@@ -94,7 +95,7 @@ class Features:
             hid[b, :n] = self.hidden[s:s + n]
             for (K, V), (k, v) in zip(kv, self.kv):
                 K[b, :n], V[b, :n] = k[s:s + n], v[s:s + n]
-        return {"tokens": tok, "labels": lab, "hidden": hid, "kv": kv, "lengths": lens,
+        return {"tokens": tok, "labels": lab, "hidden": hid, "kv": kv, "layers": list(self.layers), "lengths": lens,
                 "train_from": self.train_from[idx]}
 
 

@@ -456,7 +456,9 @@ def batch_loss(drafter, target, b: dict, cfg: TrainConfig, clusters: torch.Tenso
     k = cfg.draft_steps
     seq, lab, hid = b["tokens"], b["labels"], b["hidden"]
     B, T = seq.shape
-    outs = unrolled(drafter, target, seq, hid, b["kv"], k)
+    # the features hold each target layer's K/V once; drafter layers may share a layer or come in another order
+    kv = [b["kv"][b["layers"].index(i)] for i in drafter.source_layers(target)]
+    outs = unrolled(drafter, target, seq, hid, kv, k)
     p = torch.arange(T)
     row_ok = p[None, :] >= b["train_from"][:, None]  # [B, T]
     labp = torch.cat([lab, torch.full((B, k), -1, dtype=lab.dtype)], 1)
