@@ -11,11 +11,13 @@ patched in per configuration (evaluate() rotates the configurations per prompt):
 Arguments: model, drafter directory, draft lengths, number of validation prompts.
 Measured figures: benchmarks/results/propose_overhead.md.
 """
-import sys, json, weakref, torch
-from mtpdraft import load, kernels
-from mtpdraft.drafters import make_drafter, NgramDrafter
-from mtpdraft.drafters.combined import CombinedDrafter
+import sys
+import weakref
+
+from mtpdraft import kernels, load
+from mtpdraft.drafters import make_drafter
 from mtpdraft.drafters import mtp as M
+from mtpdraft.drafters.combined import CombinedDrafter
 from mtpdraft.train.data import encode_prompt, uses_chat
 from mtpdraft.train.evaluate import evaluate, at_draft_lens
 from mtpdraft.train.train import TrainConfig
