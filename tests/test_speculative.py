@@ -276,6 +276,55 @@ def test_native_drafting_step_is_the_python_step_bit_for_bit(tiny_dirs, tmp_path
                                                                                        positions, *kv)))
 
 
+@pytest.mark.parametrize("fam", ["gemma3_text", "llama"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_quantized_drafter(tiny_dirs, tmp_path, monkeypatch, fam, tie):
+    """A drafter loaded for a quantized target drafts with Q8_0 matrices (for a dense target it
+    keeps its dtype): its native step gives the Python step's bits, its logits stay near the
+    dense drafter's, it cannot be saved, and speculative greedy output is still plain greedy's."""
+    import mtpdraft.registry
+    from mtpdraft import kernels
+    from mtpdraft.drafters import make_drafter
+
+    monkeypatch.setattr(mtpdraft.registry, "cache_root", lambda: tmp_path / "cache")  # q8_0 cache
+    cfg = MTPConfig.for_target(mtpdraft.load(str(tiny_dirs[fam]), "bf16")[0], hidden_size=32, intermediate_size=64,
+                               num_attention_heads=4, layer_types=["sliding_attention", "full_attention"],
+                               num_centroids=16, centroid_intermediate_top_k=4, tie_output_to_target=tie)
+    MTPDrafter.random(cfg, seed=5, std=0.3).save(tmp_path / "d")
+    assert not make_drafter(str(tmp_path / "d"), mtpdraft.load(str(tiny_dirs[fam]), "bf16")[0]).drafter.quantized
+    model, tok = mtpdraft.load(str(tiny_dirs[fam]), "q8_0")
+    assert model.quantized
+    src = make_drafter(str(tmp_path / "d"), model)
+    q, dense = src.drafter, MTPDrafter.load(tmp_path / "d", model.dtype)
+    assert q.quantized and not dense.quantized
+    assert all(isinstance(q.get_submodule(n).qweight, kernels.QWeight) and q.get_submodule(n).weight.numel() == 0
+               for n in ("pre_projection", "post_projection", "masked_embedding.centroids", "model.layers.1.mlp.down_proj"))
+    prompt = list(range(5, 45))
+    cache = model.new_cache(1, 64)
+    hidden = model.prefill(torch.tensor([prompt]), cache).hidden[0, -1]
+    srcs = q.sources(model, cache)
+    kv = [lc.k for _, lc in srcs], [lc.v for _, lc in srcs]
+    positions = torch.tensor([[len(prompt) - 1]])
+    native = q.native_step(model)
+    assert native is not None
+    with torch.inference_mode():
+        t, h = 7, hidden[None].float()
+        for _ in range(4):
+            want = q.step(model, torch.tensor([t]), h, positions, srcs)
+            assert all(torch.equal(a, b) for a, b in zip(want, native.step(t, h, positions, *kv)))
+            ids, logits, h_dense = dense.step(model, torch.tensor([t]), h, positions, srcs)
+            if torch.equal(ids, want[0]):  # the same clusters chosen: near-equal scores and state
+                torch.testing.assert_close(want[1], logits, atol=0.05 * float(logits.abs().max()), rtol=0)
+            torch.testing.assert_close(want[2], h_dense, atol=0.05 * float(h_dense.abs().max()), rtol=0)
+            t, h = int(want[0][0, int(want[1][0].argmax())]), want[2]
+    with pytest.raises(ValueError, match="quantized drafter"):
+        q.save(tmp_path / "again")
+    ids = tok("the quick brown fox").input_ids
+    sp = SamplingParams(max_new_tokens=24)
+    plain = list(generate(model, ids, sp))
+    assert list(generate(model, ids, sp, drafter=src, spec=SpecParams(draft_len=3))) == plain
+
+
 def test_native_drafting_step_with_inference_tensor_weights(tiny_dirs, tmp_path):
     """A drafter loaded inside inference mode (weights without version counters) drafts
     natively, the same tokens as the Python step; a token outside the vocabulary is refused."""

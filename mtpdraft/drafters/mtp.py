@@ -27,7 +27,7 @@ from torch import nn
 
 from .. import kernels
 from ..kernels import apply_rope, reference_rmsnorm
-from ..kernels.quant import PANEL, permute_rows
+from ..kernels.quant import PANEL, permute_rows, quantize_q8_0, supported
 from ..decoding.verify import argmax, sample, target_probs
 from ..layers import Linear, RMSNorm, linear
 from ..models.base import CausalLM
@@ -104,6 +104,10 @@ def _norm(x: torch.Tensor, m: RMSNorm) -> torch.Tensor:
     return reference_rmsnorm(x, m.weight, m.eps, m.offset) if torch.is_grad_enabled() else m(x)
 
 
+def _native_weight(m: Linear):
+    return m.qweight if m.qweight is not None else kernels.pack(m.weight)
+
+
 def source_layers(layer_types: list[str], target: CausalLM) -> list[int]:
     """For each drafter layer type, the target layer whose K/V it reads: the last one of its type."""
     windows = target.layer_windows()
@@ -164,7 +168,12 @@ class DraftLayer(nn.Module):
 
     def _gate_up(self) -> torch.Tensor:
         """[gate; up] as one weight for drafting, rebuilt whenever training has changed either."""
-        g, u = self.mlp.gate_proj.weight, self.mlp.up_proj.weight
+        g, u = self.mlp.gate_proj, self.mlp.up_proj
+        if g.qweight is not None:  # a quantized drafter (MTPDrafter.quantize): its weights are fixed
+            if self.__dict__.get("_fused_q") is None:
+                self.__dict__["_fused_q"] = kernels.QWeight.cat([g.qweight, u.qweight])
+            return self.__dict__["_fused_q"]
+        g, u = g.weight, u.weight
         key = (g.data_ptr(), kernels.version(g), u.data_ptr(), kernels.version(u))
         cached = self.__dict__.get("_fused")
         if cached is None or cached[0] != key:
@@ -210,6 +219,8 @@ class MTPDrafter(nn.Module):
         return d
 
     def save(self, out: str | Path) -> Path:
+        if self.quantized:
+            raise ValueError("a quantized drafter keeps no dense weights to save: save it before quantize()")
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
@@ -231,6 +242,28 @@ class MTPDrafter(nn.Module):
                 raise ValueError(f"{path}: tensor {k} has shape {tuple(w.shape)}, config implies {tuple(expected[k].shape)}")
         d.load_state_dict(weights)
         return d.to_dtype(dtype)
+
+    @property
+    def quantized(self) -> bool:
+        return self.pre_projection.qweight is not None
+
+    def can_quantize(self) -> bool:
+        return all(supported("Q8_0", *m.weight.shape) for m in self.modules() if isinstance(m, Linear))
+
+    def quantize(self) -> "MTPDrafter":
+        """Every matrix as Q8_0 blocks, drafted with the quantized kernels (kernels.qlinear): half
+        the bytes of bf16 for each drafted token to read, where the target's own weights are
+        quantized (its default). Drafting only (any draft is lossless): the dense weights are
+        dropped, so a quantized drafter can be neither trained nor saved."""
+        if self.quantized:
+            return self
+        if not self.can_quantize():
+            raise ValueError("quantize: every matrix needs rows % 16 == 0 and columns % 32 == 0")
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.qweight = kernels.QWeight([torch.from_numpy(quantize_q8_0(m.weight))], ["Q8_0"], m.weight.shape[1])
+                m.weight.data = torch.empty(0, dtype=m.weight.dtype)
+        return self
 
     def to_dtype(self, dtype: torch.dtype) -> "MTPDrafter":
         for p in self.parameters():
@@ -347,16 +380,16 @@ class MTPDrafter(nn.Module):
             post, pre, post_ff = layer.post_attention_layernorm, layer.pre_feedforward_layernorm, \
                 layer.post_feedforward_layernorm
             layers.append(dict(
-                q=kernels.pack(at.q_proj.weight), o=kernels.pack(at.o_proj.weight), gate_up=layer._gate_up(),
-                down=kernels.pack(mlp.down_proj.weight), in_norm=layer.input_layernorm.weight,
+                q=_native_weight(at.q_proj), o=_native_weight(at.o_proj), gate_up=layer._gate_up(),
+                down=_native_weight(mlp.down_proj), in_norm=layer.input_layernorm.weight,
                 in_eps=layer.input_layernorm.eps, in_offset=layer.input_layernorm.offset, q_norm=at.q_norm.weight,
                 q_eps=at.q_norm.eps, q_offset=at.q_norm.offset, post_attn=post.weight, pre_mlp=pre.weight,
                 res_eps=post.eps, res_offset=post.offset, post_mlp=post_ff.weight, mlp_eps=post_ff.eps,
                 mlp_offset=post_ff.offset, inv_freq=src.inv_freq, scale=float(src.scale), heads=at.heads,
                 head_dim=at.head_dim, window=int(src.window)))
         return kernels.draft_step(
-            target.embed_table, target.embed_scale * c.input_embed_scale, kernels.pack(self.pre_projection.weight),
-            kernels.pack(self.post_projection.weight), kernels.pack(self.masked_embedding.centroids.weight),
+            target.embed_table, target.embed_scale * c.input_embed_scale, _native_weight(self.pre_projection),
+            _native_weight(self.post_projection), _native_weight(self.masked_embedding.centroids),
             self.model.norm.weight, self.model.norm.eps, self.model.norm.offset, c.tie_output_to_target,
             self.masked_embedding.token_ordering.view(c.num_centroids, -1), c.centroid_intermediate_top_k,
             head if head is not None else table, layers)

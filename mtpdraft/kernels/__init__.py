@@ -602,8 +602,8 @@ def draft_step(embed, embed_scale: float, pre, post, centroids, final_norm, fina
                tie: bool, clusters: torch.Tensor, top_k: int, head, layers: "list[dict]"):
     """An MTP drafting step as one native call (mtpdraft_qkernels.DraftStep): the same kernels
     as MTPDrafter.step in the same order, so the same bits (dense weights packed, whose GEMV
-    gives the row-major kernel's bits). Weights: dense ones as `linear` takes them
-    (Tensor or Packed); embed: a one-part QWeight or a dense table; head: the cluster-ordered
+    gives the row-major kernel's bits). Weights: as `linear` takes them (Tensor, Packed, or a
+    QWeight for a quantized drafter); embed: a one-part QWeight or a dense table; head: the cluster-ordered
     QWeight (one part a cluster) or a dense output table; each layer's dict holds its
     DraftStepLayer arguments with q, o, gate_up, down as weights. None when either kernel
     module is unavailable or a weight is of a kind it does not take."""
@@ -612,6 +612,8 @@ def draft_step(embed, embed_scale: float, pre, post, centroids, final_norm, fina
         return None
 
     def dense(w):
+        if isinstance(w, QWeight):
+            return mod.DLin(list(w.parts), list(w._ids), w.shape[0])
         if isinstance(w, Packed) and w.fresh:
             return mod.DLin(w.data, w.shape[0], True)
         w = w.source if isinstance(w, Packed) else w

@@ -748,6 +748,8 @@ struct DLin {
   torch::Tensor w;
   int64_t out = 0;
   bool packed = false;
+  std::vector<torch::Tensor> parts;  // quantized: panel blocks and their type ids (then w is unused)
+  std::vector<int64_t> types;
 };
 
 struct DraftStepLayer {
@@ -850,6 +852,7 @@ class DraftStep {
 
  private:
   torch::Tensor lin(const torch::Tensor& x, const DLin& l) const {
+    if (!l.parts.empty()) return qlinear(x, l.parts, l.types);
     return l.packed ? fns_->linear_packed(x, l.w, l.out) : fns_->linear(x, l.w);
   }
 
@@ -901,7 +904,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__len__", &Stack::size)
       .def("forward", &Stack::forward, "x after every layer (the blocks' own kernel calls, in order)");
   py::class_<DLin>(m, "DLin", py::module_local())
-      .def(py::init([](torch::Tensor w, int64_t out, bool packed) { return DLin{w, out, packed}; }));
+      .def(py::init([](torch::Tensor w, int64_t out, bool packed) { return DLin{w, out, packed, {}, {}}; }))
+      .def(py::init([](std::vector<torch::Tensor> parts, std::vector<int64_t> types, int64_t out) {
+        TORCH_CHECK(!parts.empty() && parts.size() == types.size(), "DLin: one type per quantized part");
+        return DLin{torch::Tensor(), out, false, std::move(parts), std::move(types)};
+      }));
   py::class_<DraftStepLayer>(m, "DraftStepLayer", py::module_local())
       .def(py::init([](py::kwargs kw) {
         DraftStepLayer l;

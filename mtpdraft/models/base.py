@@ -45,6 +45,7 @@ class CausalLM(nn.Module):
         self._head = None  # the head weight packed for the streaming GEMV, or quantized (load_weights)
         self._qembed = None  # quantized input embedding (tied head), if the weights are quantized
         self.weights_format = "uninitialized"  # bf16 | fp32 | the quantized types in use (load_weights)
+        self.quantized = False  # whether its matrices are quantized blocks (load_weights)
         self.layer_stack = None  # the blocks as one native call (quantized Gemma 3 / Llama; load_weights)
 
     # -- what the decoding loop and the drafters use -------------------------------
@@ -173,6 +174,7 @@ class CausalLM(nn.Module):
         types = sorted({t for q in quant.values() for t in q.types})
         dense = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
         self.weights_format = "+".join(types) if types else dense
+        self.quantized = bool(types)
         if types and len(quant) < sum(p.ndim == 2 for p in params.values()):
             self.weights_format += f" (+{dense})"  # some matrices stayed dense
 
