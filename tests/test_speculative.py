@@ -204,6 +204,17 @@ def test_mtp_drafts_are_sampled_from_their_own_distribution(tiny_dirs, clustered
     assert 0.5 * float((counts / n - q[0]).abs().sum()) < 0.1
 
 
+def drafting_context(model, d, prompt=tuple(range(5, 45))):
+    """A prefilled prompt and what a drafting step reads: (prompt, cache, the last hidden state,
+    d's sources, their K and V caches, the last position as positions)."""
+    prompt = list(prompt)
+    cache = model.new_cache(1, 64)
+    hidden = model.prefill(torch.tensor([prompt]), cache).hidden[0, -1]
+    srcs = d.sources(model, cache)
+    return prompt, cache, hidden, srcs, ([lc.k for _, lc in srcs], [lc.v for _, lc in srcs]), \
+        torch.tensor([[len(prompt) - 1]])
+
+
 @pytest.mark.parametrize("fam", ["gemma3_text", "llama"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "q8_0"])
 @pytest.mark.parametrize("tie", [False, True])
@@ -224,12 +235,7 @@ def test_native_drafting_step_is_the_python_step_bit_for_bit(tiny_dirs, tmp_path
     d.masked_embedding.token_ordering.copy_(torch.randperm(cfg.vocab_size, generator=torch.Generator().manual_seed(2)))
     native = d.native_step(model)
     assert native is not None
-    prompt = list(range(5, 45))
-    cache = model.new_cache(1, 64)
-    hidden = model.prefill(torch.tensor([prompt]), cache).hidden[0, -1]
-    srcs = d.sources(model, cache)
-    kv = [lc.k for _, lc in srcs], [lc.v for _, lc in srcs]
-    positions = torch.tensor([[len(prompt) - 1]])
+    prompt, cache, hidden, srcs, kv, positions = drafting_context(model, d)
     conf = []  # each greedy step's probability of its choice
     with torch.inference_mode():
         t, h = 7, hidden[None].float()
@@ -299,12 +305,7 @@ def test_quantized_drafter(tiny_dirs, tmp_path, monkeypatch, fam, tie):
     assert q.quantized and not dense.quantized
     assert all(isinstance(q.get_submodule(n).qweight, kernels.QWeight) and q.get_submodule(n).weight.numel() == 0
                for n in ("pre_projection", "post_projection", "masked_embedding.centroids", "model.layers.1.mlp.down_proj"))
-    prompt = list(range(5, 45))
-    cache = model.new_cache(1, 64)
-    hidden = model.prefill(torch.tensor([prompt]), cache).hidden[0, -1]
-    srcs = q.sources(model, cache)
-    kv = [lc.k for _, lc in srcs], [lc.v for _, lc in srcs]
-    positions = torch.tensor([[len(prompt) - 1]])
+    prompt, cache, hidden, srcs, kv, positions = drafting_context(model, q)
     native = q.native_step(model)
     assert native is not None
     with torch.inference_mode():
