@@ -293,11 +293,12 @@ def test_quantized_drafter(tiny_dirs, tmp_path, monkeypatch, fam, tie):
     from mtpdraft.drafters import make_drafter
 
     monkeypatch.setattr(mtpdraft.registry, "cache_root", lambda: tmp_path / "cache")  # q8_0 cache
-    cfg = MTPConfig.for_target(mtpdraft.load(str(tiny_dirs[fam]), "bf16")[0], hidden_size=32, intermediate_size=64,
+    dense_target = mtpdraft.load(str(tiny_dirs[fam]), "bf16")[0]
+    cfg = MTPConfig.for_target(dense_target, hidden_size=32, intermediate_size=64,
                                num_attention_heads=4, layer_types=["sliding_attention", "full_attention"],
                                num_centroids=16, centroid_intermediate_top_k=4, tie_output_to_target=tie)
     MTPDrafter.random(cfg, seed=5, std=0.3).save(tmp_path / "d")
-    assert not make_drafter(str(tmp_path / "d"), mtpdraft.load(str(tiny_dirs[fam]), "bf16")[0]).drafter.quantized
+    assert not make_drafter(str(tmp_path / "d"), dense_target).drafter.quantized
     model, tok = mtpdraft.load(str(tiny_dirs[fam]), "q8_0")
     assert model.quantized
     src = make_drafter(str(tmp_path / "d"), model)

@@ -27,7 +27,7 @@ from torch import nn
 
 from .. import kernels
 from ..kernels import apply_rope, reference_rmsnorm
-from ..kernels.quant import PANEL, permute_rows, quantize_q8_0, supported
+from ..kernels.quant import PANEL, permute_rows, supported
 from ..decoding.verify import argmax, sample, target_probs
 from ..layers import Linear, RMSNorm, linear
 from ..models.base import CausalLM
@@ -261,7 +261,7 @@ class MTPDrafter(nn.Module):
             raise ValueError("quantize: every matrix needs rows % 16 == 0 and columns % 32 == 0")
         for m in self.modules():
             if isinstance(m, Linear):
-                m.qweight = kernels.QWeight([torch.from_numpy(quantize_q8_0(m.weight))], ["Q8_0"], m.weight.shape[1])
+                m.qweight = kernels.QWeight.q8_0(m.weight)
                 m.weight.data = torch.empty(0, dtype=m.weight.dtype)
         return self
 

@@ -503,6 +503,13 @@ class QWeight:
         self.shape = torch.Size([sum(p.shape[0] for p in parts) * PANEL, k])
         self._ids = [QTYPES[t] for t in types]
 
+    @staticmethod
+    def q8_0(w: torch.Tensor) -> "QWeight":
+        """A dense [O, K] weight quantized to Q8_0 (quant.quantize_q8_0), as one part."""
+        from .quant import quantize_q8_0
+
+        return QWeight([torch.from_numpy(quantize_q8_0(w))], ["Q8_0"], w.shape[1])
+
     @property
     def nbytes(self) -> int:
         return sum(p.numel() for p in self.parts)

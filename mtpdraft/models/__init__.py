@@ -125,13 +125,11 @@ def _q8_0_cache(path: Path) -> Path:
 def quantize_q8_0(model: CausalLM, weights: dict[str, torch.Tensor], path: Path, cache: Path) -> dict[str, "object"]:
     """Q8_0 copies of the quantizable matrices, saved to `cache` for later loads."""
     from ..kernels import QWeight
-    from ..kernels.quant import quantize_q8_0 as q8
 
     print(f"mtpdraft: quantizing {path.name} to q8_0 (once)...", file=sys.stderr, flush=True)
     quant = {}
     for name in sorted(quantizable(model)):
-        w = weights[name]
-        quant[name] = QWeight([torch.from_numpy(q8(w))], ["Q8_0"], w.shape[1])
+        quant[name] = QWeight.q8_0(weights[name])
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
     save_quant(tmp, quant)
