@@ -27,6 +27,7 @@ from mtpdraft import load
 from mtpdraft.bench import machine_info
 from mtpdraft.drafters import MTPDraftSource, NgramDrafter, make_drafter
 from mtpdraft.drafters.combined import CombinedDrafter
+from mtpdraft.drafters.datastore import Datastore, DatastoreDrafter
 from mtpdraft.train.data import encode_prompt, load_prompts, uses_chat
 from mtpdraft.train.evaluate import at_draft_lens, evaluate
 from mtpdraft.train.train import TrainConfig
@@ -48,6 +49,13 @@ def main() -> None:
                          "in one run")
     ap.add_argument("--gate", default="0.6", help="confidence gate(s) of the combined configurations, comma-separated")
     ap.add_argument("--fallback", default="", help="MTP draft caps of the fallback configurations, comma-separated")
+    ap.add_argument("--datastore", default=None,
+                    help="a datastore file, or a training run whose data it is built from: adds lookup in it "
+                         "(after prompt lookup, before the MTP drafter) to the configurations named by --ds")
+    ap.add_argument("--ds", default="",
+                    help="with --datastore: configurations as VARIANT@MIN_MATCH[/MIN_SHARE], comma-separated; VARIANT: lookup "
+                         "(prompt lookup, then the datastore), fallbackN (then an MTP draft of at most N tokens) or "
+                         "gateG (prompt lookup on a match of >= 2, the datastore, then MTP gated at G)")
     ap.add_argument("--json", default=None, help="write the results here")
     a = ap.parse_args()
     model, tok = load(a.model, a.dtype)
@@ -67,6 +75,25 @@ def main() -> None:
             confs[f"{d} + ngram@{gate}"] = lambda g=gated: CombinedDrafter(g, min_match=2)
         for n in (int(x) for x in a.fallback.split(",") if x):
             confs[f"{d} fallback:{n}"] = lambda src=src, n=n: CombinedDrafter.fallback(src, n)
+    if a.datastore:
+        p = Path(a.datastore)
+        store = Datastore.from_run(p, model.vocab_size) if p.is_dir() else Datastore.load(p)
+        print(f"datastore: {store.size} tokens, {store.num_sequences} sequences")
+        for spec in (x for x in a.ds.split(",") if x):
+            variant, m = spec.split("@")
+            m, share = (m.split("/") + ["0"])[:2]
+            ds = DatastoreDrafter(store, int(m), float(share))
+            for d in (a.drafters if variant != "lookup" else [None]):
+                src = make_drafter(d, model) if d else None
+                if variant == "lookup":
+                    f = lambda ds=ds: CombinedDrafter(None, min_match=1, store=ds)  # noqa: E731
+                elif variant.startswith("fallback"):
+                    f = lambda src=src, ds=ds, n=int(variant[8:]): CombinedDrafter(  # noqa: E731
+                        src, min_match=1, mtp_len=n, store=ds)
+                else:
+                    g = MTPDraftSource(src.drafter, min_confidence=float(variant[4:]))
+                    f = lambda g=g, ds=ds: CombinedDrafter(g, min_match=2, store=ds)  # noqa: E731
+                confs[f"{d + ' ' if d else ''}{variant} + ds@{m}/{share}"] = f
     ks = [int(k) for k in a.draft_len.split(",")]
     lens = {}
     if len(ks) > 1:  # each drafting configuration once per draft length, named "... k=K"

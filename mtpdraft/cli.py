@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.command import add_parser as _bench; _bench(sub)  # noqa: E702
     from .train.command import add_parser as _train; _train(sub)  # noqa: E702
     from .drafters.export import add_parser as _export; _export(sub)  # noqa: E702
+    from .drafters.datastore import add_parser as _datastore; _datastore(sub)  # noqa: E702
     return ap
 
 

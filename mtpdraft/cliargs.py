@@ -18,7 +18,8 @@ def add_model_args(p: argparse.ArgumentParser, *, drafter: str = "auto", draft_l
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="bundled name, local HF directory or .gguf file")
     p.add_argument("--dtype", default=DEFAULT_WEIGHTS, choices=WEIGHT_CHOICES, help=WEIGHTS_HELP)
-    p.add_argument("--drafter", default=drafter, help="auto | none | ngram | PATH to a drafter directory")
+    p.add_argument("--drafter", default=drafter,
+                   help="auto | none | ngram | PATH to a drafter directory | PATH to a datastore file (mtpdraft datastore)")
     p.add_argument("--draft-len", type=int, default=draft_len,
                    help=f"tokens drafted per cycle (default {draft_len}; --drafter auto caps it to its own)"
                    if draft_len

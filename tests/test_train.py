@@ -277,6 +277,11 @@ def test_train_quick_end_to_end(tiny, tmp_path, one_thread, monkeypatch):
     seqs = [json.loads(line) for line in (out / "data/sequences.jsonl").read_text().splitlines()]
     sources = {s["source"].split(":")[0] for s in seqs}
     assert {"val/" + i for i in split["validation"]} <= sources and not sources & set(split["eval"])
+    # the data as a datastore drafter: the training sequences only
+    from mtpdraft.drafters.datastore import Datastore
+
+    store = Datastore.load(out / "datastore.safetensors")
+    assert store.num_sequences == sum(not s["source"].startswith("val/") for s in seqs) > 0
     trained = make_drafter(str(out / "drafter"), model)
     untrained = make_drafter(str(out / "untrained"), model)
     # tau on the training distribution: the training prompts' greedy continuations
@@ -501,6 +506,21 @@ def test_combined_drafter_is_lossless(tiny, one_thread):
         assert got == list(generate(model, ids, sp))
     with pytest.raises(ValueError, match="mtp_len"):
         CombinedDrafter(mtp, mtp_len=0)
+
+
+def test_data_only_run_writes_data_and_its_datastore(tiny, tmp_path, one_thread):
+    from mtpdraft.cli import main
+
+    path, model, tok = tiny
+    out = tmp_path / "run"
+    args = ["train", "--model", str(path), "--dtype", "fp32", "--out", str(out), "--quick", "--data-only"]
+    assert main(args + ["--ship", str(tmp_path / "ship")]) == 2  # nothing to ship, refused before any work
+    assert not out.exists()
+    assert main(args) == 0
+    assert (out / "data/sequences.jsonl").exists() and not (out / "features").exists()
+    assert set(json.loads((out / "timings.json").read_text())) == {"data"}
+    drafter = make_drafter(str(out / "datastore.safetensors"), model)
+    assert drafter.store is not None and drafter.mtp is None
 
 
 def test_batched_data_generation_equals_plain_greedy(tiny, one_thread):

@@ -9,6 +9,7 @@ from .. import kernels
 from ..models.base import CausalLM
 from .base import Draft, DraftContext, Drafter
 from .combined import ByTemperature, CombinedDrafter, draft_len_for, for_request
+from .datastore import Datastore, DatastoreDrafter, is_datastore
 from .gemma4_assistant import is_gemma4_assistant, load_gemma4_assistant
 from .mtp import MTPConfig, MTPDrafter, MTPDraftSource
 from .ngram import NgramDrafter
@@ -23,12 +24,13 @@ def shipped_drafter_dir(model_name: str) -> Path | None:
 
 
 def make_drafter(spec: str, target: CausalLM, model_name: str = "", min_confidence: float = 0.0) -> Drafter | None:
-    """--drafter values: none | ngram | auto | PATH to a drafter dir.
+    """--drafter values: none | ngram | auto | PATH to a drafter dir | PATH to a datastore file.
 
     auto: the MTP drafter shipped for the model, as its auto.json says (chosen on
     validation prompts when it was shipped): combined with prompt lookup (n-gram
     proposals when the text repeats, MTP otherwise; the default) or alone; without a
     shipped drafter, prompt lookup alone (free to run, lossless, a speedup on most text).
+    A datastore file (`mtpdraft datastore`): prompt lookup on any match, else the store.
     """
     if spec == "none":
         return None
@@ -57,8 +59,12 @@ def make_drafter(spec: str, target: CausalLM, model_name: str = "", min_confiden
         return ByTemperature(greedy, sampled, greedy_len=greedy_len,
                              sampled_len=_draft_len(samp, path, "sampled.draft_len") if samp else greedy_len)
     path = Path(spec)
+    if path.is_file() and is_datastore(path):
+        store = Datastore.shared(path)
+        store.check_target(target)
+        return CombinedDrafter(None, min_match=1, store=DatastoreDrafter(store))
     if not path.is_dir():
-        raise ValueError(f"unknown drafter {spec!r}: use none, auto, ngram or a drafter directory")
+        raise ValueError(f"unknown drafter {spec!r}: use none, auto, ngram, a drafter directory or a datastore file")
     return _load_source(path, target, min_confidence)
 
 
@@ -99,5 +105,5 @@ def _load_source(path: Path, target: CausalLM, min_confidence: float) -> MTPDraf
     return MTPDraftSource(d, min_confidence=min_confidence)
 
 
-__all__ = ["Draft", "DraftContext", "Drafter", "MTPConfig", "MTPDrafter", "MTPDraftSource", "NgramDrafter",
+__all__ = ["Datastore", "DatastoreDrafter", "Draft", "DraftContext", "Drafter", "MTPConfig", "MTPDrafter", "MTPDraftSource", "NgramDrafter",
            "draft_len_for", "for_request", "make_drafter", "shipped_drafter_dir"]

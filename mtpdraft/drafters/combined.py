@@ -1,33 +1,36 @@
-"""Combined drafter: prompt lookup when the text repeats itself, the MTP drafter otherwise.
+"""Combined drafter: prompt lookup when the text repeats itself, the MTP drafter otherwise
+(with a datastore: lookup in the target's own writing between the two).
 
 The n-gram drafter's proposal is used when it continues a suffix match of at
 least `min_match` tokens (loopy and copying text, where lookup is nearly free and
 very accurate); otherwise the MTP drafter proposes, at most `mtp_len` tokens (a short
 MTP draft where its acceptance falls fast, e.g. sampling: verifying one or two more
-positions costs about as much as one). Both see every round, so the n-gram index
-stays in sync. Lossless like any drafter: the target verifies.
+positions costs about as much as one). With `store`, a suffix of at least its
+min_match tokens found in the datastore (drafters/datastore.py) proposes before the MTP
+drafter. The n-gram index sees every round, so it stays in sync. Lossless like any drafter: the target verifies.
 """
 
 from __future__ import annotations
 
 from ..config import DEFAULT_DRAFT_LEN, SamplingParams
 from .base import Draft, DraftContext, Drafter
+from .datastore import DatastoreDrafter
 from .ngram import NgramDrafter
 
 FALLBACK_MIN_MATCH = 1  # "fallback:L": prompt lookup on any match, else a short MTP draft
 
 
 class CombinedDrafter:
-    def __init__(self, mtp: Drafter, ngram: NgramDrafter | None = None, min_match: int = 2,
-                 mtp_len: int | None = None):
+    def __init__(self, mtp: Drafter | None, ngram: NgramDrafter | None = None, min_match: int = 2,
+                 mtp_len: int | None = None, store: DatastoreDrafter | None = None):
         self.ngram = ngram or NgramDrafter(max_ngram=max(3, min_match))
         if not 1 <= min_match <= self.ngram.max_ngram:
             raise ValueError(f"min_match must be in 1..{self.ngram.max_ngram}, got {min_match}")
         if mtp_len is not None and mtp_len < 1:
             raise ValueError(f"mtp_len must be >= 1, got {mtp_len}")
-        self.mtp, self.min_match, self.mtp_len = mtp, min_match, mtp_len
-        self.last = ""  # which drafter proposed the last round: "ngram" | "mtp" | ""
-        self.rounds = {"ngram": 0, "mtp": 0}
+        self.mtp, self.min_match, self.mtp_len, self.store = mtp, min_match, mtp_len, store
+        self.last = ""  # which drafter proposed the last round: "ngram" | "datastore" | "mtp" | ""
+        self.rounds = {"ngram": 0, "mtp": 0, "datastore": 0}
 
     @classmethod
     def fallback(cls, mtp: Drafter, mtp_len: int) -> "CombinedDrafter":
@@ -37,9 +40,11 @@ class CombinedDrafter:
 
     def propose(self, ctx: DraftContext, k: int) -> Draft:
         d = Draft(self.ngram.lookup(ctx.tokens, k, self.min_match))
-        if d.tokens:
-            self.last = "ngram"
-        else:
+        self.last = "ngram" if d.tokens else ""
+        if not d.tokens and self.store is not None:
+            d = Draft(self.store.lookup(ctx.tokens, k))
+            self.last = "datastore" if d.tokens else ""
+        if not d.tokens and self.mtp is not None:
             d = self.mtp.propose(ctx, min(k, self.mtp_len) if self.mtp_len else k)
             self.last = "mtp" if d.tokens else ""
         if self.last:
@@ -49,8 +54,8 @@ class CombinedDrafter:
     def observe(self, accepted: int, proposed: int) -> None:
         if self.last == "mtp":
             self.mtp.observe(accepted, proposed)
-        elif self.last == "ngram":
-            self.ngram.observe(accepted, proposed)
+        elif self.last:
+            (self.ngram if self.last == "ngram" else self.store).observe(accepted, proposed)
 
 
 class ByTemperature:

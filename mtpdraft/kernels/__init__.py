@@ -386,6 +386,13 @@ def gated_act(gu: torch.Tensor, act: str) -> torch.Tensor:
     return reference_gated_act(gu, act)
 
 
+def ds_lookup(keys: torch.Tensor, keys2: torch.Tensor, order: torch.Tensor, tokens: torch.Tensor, ctx: list[int],
+              k: int, min_match: int, max_matches: int, bits: int, min_share: float = 0.0) -> tuple[list[int], int]:
+    """A datastore's lookup (drafters/datastore.py): (draft, matched suffix length)."""
+    require_native("the datastore drafter")
+    return _native.ds_lookup(keys, keys2, order, tokens, ctx, k, min_match, max_matches, bits, min_share)
+
+
 def qkv_rope_cache(qkv, positions, heads: int, kv_heads: int, q_norm, k_norm, eps: float, offset: float,
                    inv_freq, k_cache, v_cache, kv_mode: int = 0, v_norm: bool = False) -> torch.Tensor:
     """After the fused projection qkv [B, N, (H + 2 Hkv) D]: optional per-head q/k RMSNorm,

@@ -1344,6 +1344,86 @@ void set_tuning(int64_t pf_rows, int64_t ob, int64_t pf_bytes, int64_t pf_blocks
 const LayerFns kLayerFns = {sizeof(LayerFns), &rmsnorm,   &add_rmsnorm, &gated_act, &qkv_rope_cache,
                             &attention,       &linear,    &linear_packed};
 
+namespace {
+
+// ---------------------------------------------------------------------------
+// Datastore lookup (drafters/datastore.py builds the index): the continuation of the
+// longest suffix of ctx (up to 6 tokens, at least min_match) found in the store, walked
+// token by token over at most max_matches of its places: the most frequent next token (the
+// smallest id on ties), then only the places that agree with it. keys: every place's packed
+// tokens 0-2, sorted; keys2: the same places' tokens 3-5 (a longer suffix is a contiguous
+// scan of its prefix's range, not a read of the store per place); order: those places;
+// tokens: the store, padded with separators (-1). After the first token, the walk ends where
+// fewer than min_share of the remaining places agree. Returns (draft, suffix length; 0: none).
+// ---------------------------------------------------------------------------
+std::tuple<std::vector<int64_t>, int64_t> ds_lookup(const torch::Tensor& keys, const torch::Tensor& keys2,
+                                                    const torch::Tensor& order, const torch::Tensor& tokens,
+                                                    const std::vector<int64_t>& ctx, int64_t k, int64_t min_match,
+                                                    int64_t max_matches, int64_t bits, double min_share) {
+  for (const torch::Tensor* t : {&keys, &keys2, &order, &tokens})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1, "ds_lookup: contiguous int64 vectors");
+  TORCH_CHECK(keys.numel() == order.numel() && keys2.numel() == order.numel(), "ds_lookup: one key pair per place");
+  TORCH_CHECK(min_match >= 1 && max_matches >= 1 && bits > 0 && bits <= 21, "ds_lookup: bad settings");
+  const int64_t* kp = keys.data_ptr<int64_t>();
+  const int64_t* k2 = keys2.data_ptr<int64_t>();
+  const int64_t* op = order.data_ptr<int64_t>();
+  const int64_t* tp = tokens.data_ptr<int64_t>();
+  const int64_t nk = keys.numel(), nt = tokens.numel();
+  const int64_t top = (int64_t(1) << bits) - 1;  // a packed field above every token's
+  std::vector<int64_t> rows, pos, nxt, sorted;
+  for (int64_t n = std::min<int64_t>(static_cast<int64_t>(ctx.size()), 6); n >= min_match; --n) {
+    const int64_t* g = ctx.data() + ctx.size() - n;
+    int64_t lo_key = 0, hi_key = 0, want = 0;
+    for (int64_t i = 0; i < 3; ++i) {  // a token packs as id + 1 (the separator as 0)
+      lo_key = (lo_key << bits) | (i < n ? g[i] + 1 : 0);
+      hi_key = (hi_key << bits) | (i < n ? g[i] + 1 : top);
+    }
+    for (int64_t i = 3; i < n; ++i) want = (want << bits) | (g[i] + 1);
+    const int shift = static_cast<int>((6 - std::max<int64_t>(n, 3)) * bits);  // keys2's fields past the suffix
+    const int64_t lo = std::lower_bound(kp, kp + nk, lo_key) - kp;
+    const int64_t hi = std::upper_bound(kp, kp + nk, hi_key) - kp;
+    rows.clear();
+    if (n > 3) {
+      for (int64_t r = lo; r < hi; ++r)
+        if ((k2[r] >> shift) == want) rows.push_back(r);
+    }
+    const int64_t m = n > 3 ? static_cast<int64_t>(rows.size()) : hi - lo, take = std::min(m, max_matches);
+    if (m == 0) continue;
+    pos.clear();
+    for (int64_t i = 0; i < take; ++i)  // an even spread over the places, in index order
+      pos.push_back(op[n > 3 ? rows[i * m / take] : lo + i * m / take] + n);
+    std::vector<int64_t> out;
+    for (int64_t j = 0; j < k; ++j) {
+      nxt.clear();
+      for (int64_t p : pos) nxt.push_back(p + j < nt ? tp[p + j] : -1);
+      sorted = nxt;
+      std::sort(sorted.begin(), sorted.end());
+      int64_t best = -1, best_n = 0;
+      for (size_t a = 0; a < sorted.size();) {
+        size_t b = a;
+        while (b < sorted.size() && sorted[b] == sorted[a]) ++b;
+        if (static_cast<int64_t>(b - a) > best_n) {
+          best = sorted[a];
+          best_n = static_cast<int64_t>(b - a);
+        }
+        a = b;
+      }
+      if (best < 0) break;  // most of the places end here
+      if (j > 0 && static_cast<double>(best_n) < min_share * static_cast<double>(pos.size())) break;  // places disagree
+      out.push_back(best);
+      size_t w = 0;
+      for (size_t i = 0; i < pos.size(); ++i) {
+        if (nxt[i] == best) pos[w++] = pos[i];
+      }
+      pos.resize(w);
+    }
+    return {out, n};
+  }
+  return {std::vector<int64_t>(), 0};
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_fns", [] { return py::capsule(static_cast<const void*>(&kLayerFns), "mtpdraft.layer_fns"); },
         "the layer kernels' addresses, for mtpdraft_qkernels.Stack");
@@ -1359,5 +1439,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rmsnorm", &add_rmsnorm, "x' = x + (post-norm of) h; y = rmsnorm(x')");
   m.def("gated_act", &gated_act, "act(gate) * up");
   m.def("softcap_", &softcap_, "in place: x = cap * tanh(x / cap)");
+  m.def("ds_lookup", &ds_lookup, "datastore lookup: (draft, matched suffix length)");
   m.def("qkv_rope_cache", &qkv_rope_cache, "q/k norm, RoPE and cache write after the fused qkv projection");
 }

@@ -16,6 +16,8 @@ def add_parser(sub) -> None:
                    help="the target's weights (default auto: as `mtpdraft generate` runs it)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--data-budget-s", type=float, default=None, help="stop writing data after this long")
+    p.add_argument("--data-only", action="store_true",
+                   help="stop after the data stage and its datastore drafter (RUN/datastore.safetensors)")
     p.add_argument("--data", default=None, metavar="FILE.jsonl",
                    help='also train on your own text ({"text": ...} per line), labelled by the target')
     p.add_argument("--train-budget-s", type=float, default=None, help="size the schedule to this long")
@@ -48,6 +50,8 @@ def config_from(args):
         v = getattr(args, a, None)
         if v is not None:
             kw[f] = v
+    if args.data_only:
+        kw["data_only"] = True
     if args.layers:
         kw["layer_types"] = tuple(args.layers.split(","))
     fields = TrainConfig.__dataclass_fields__
@@ -68,6 +72,8 @@ def cmd_train(args) -> int:
     from .train import run, ship
 
     cfg = config_from(args)
+    if args.ship and cfg.data_only:
+        raise ValueError("--ship needs a trained drafter: drop --data-only")
     res = run(cfg)
     print(json.dumps({n: {k: r[k] for k in ("tau", "acceptance_by_position", "decode_tokens_per_s",
                                             "greedy_equal_to_plain") if k in r}

@@ -98,6 +98,7 @@ class TrainConfig:
     # K/V, argmax labels: exactly what decoding computes), so the features stage runs the
     # target only over text it did not write (data_file); False: a second forward over all
     record_features: bool = True
+    data_only: bool = False  # stop after the data stage (and its datastore: RUN/datastore.safetensors)
     # -- features -----------------------------------------------------------------------------
     feature_batch_tokens: int = 4096
     val_positions: int = 1500  # validate on (about) this many positions of the validation sequences
@@ -237,6 +238,7 @@ def drafter_settings(target, cfg: TrainConfig) -> dict:
 
 # -- stage 1 --------------------------------------------------------------------------------
 VAL = "val/"  # source prefix of the validation prompts' sequences (never trained on)
+DATASTORE = "datastore.safetensors"  # the run's data as a datastore drafter
 RECORDED = "recorded"  # data/RECORDED/*.pt: the features the data stage's decoding recorded
 
 
@@ -855,7 +857,16 @@ def run(cfg: TrainConfig) -> dict:
     t0 = time.perf_counter()
     layers = sorted(set(source_layers(run_layer_types(cfg), model)))
     seqs = stage_data(cfg, model, tok, train_prompts, val_prompts, layers if cfg.record_features else None)
+    ds_path = out / DATASTORE
+    if not ds_path.exists():  # the target's writing as a datastore drafter (drafters/datastore.py): seconds
+        from ..drafters.datastore import Datastore
+
+        store = Datastore.from_run(out, model.vocab_size).save(ds_path)
+        _log(f"datastore drafter: {ds_path} ({store.stat().st_size / 2**20:.1f} MiB; --drafter {ds_path})")
     t1 = time.perf_counter()
+    if cfg.data_only:
+        _add_timings(out, {"data": t1 - t0})
+        return {"configs": {}}
     train, val = stage_features(cfg, model, seqs, layers)
     t2 = time.perf_counter()
     stage_train(cfg, model, train, val)
@@ -873,16 +884,20 @@ def run(cfg: TrainConfig) -> dict:
                    temperature=cfg.sampled_temperature)
     t4 = time.perf_counter()
     _log(f"stage seconds this run: data {t1 - t0:.0f}, features {t2 - t1:.0f}, train {t3 - t2:.0f}, eval {t4 - t3:.0f}")
+    _add_timings(out, {"data": t1 - t0, "features": t2 - t1, "train": t3 - t2, "eval": t4 - t3})
+    return res
+
+
+def _add_timings(out: Path, stages: dict) -> None:
     # wall time per stage, summed over resumed runs (a stage that was already done adds ~0)
     tpath = out / "timings.json"
     tim = json.loads(tpath.read_text()) if tpath.exists() else {}
     note = tim.pop("note", None)
-    for k, v in (("data", t1 - t0), ("features", t2 - t1), ("train", t3 - t2), ("eval", t4 - t3)):
+    for k, v in stages.items():
         tim[k] = round(tim.get(k, 0.0) + v, 1)
     if note:
         tim["note"] = note
     tpath.write_text(json.dumps(tim, indent=1))
-    return res
 
 
 def ship(cfg: TrainConfig, dest: str | Path) -> bool:
