@@ -101,7 +101,7 @@ def build_target(size: str, fmt: str, seed: int = 0) -> gemma4.Model:
     return model.eval()
 
 
-def build_assistant(target: gemma4.Model, seed: int = 0) -> MTPDraftSource:
+def build_assistant(target: gemma4.Model, seed: int = 0, quantize: bool = True) -> MTPDraftSource:
     a = target.args
     text = dict(hidden_size=256, intermediate_size=2048, num_hidden_layers=4, layer_types=[S, S, S, F],
                 num_attention_heads=4, num_key_value_heads=a.num_key_value_heads, head_dim=256, global_head_dim=512,
@@ -110,6 +110,8 @@ def build_assistant(target: gemma4.Model, seed: int = 0) -> MTPDraftSource:
                                            centroid_intermediate_top_k=32), seed=seed, std=None)
     d = d.to_dtype(torch.bfloat16).eval()
     d.check_target(target)
+    if quantize and target.quantized:  # as make_drafter loads it for a quantized target: Q8_0 matrices
+        d.quantize()
     return MTPDraftSource(d)
 
 

@@ -275,3 +275,35 @@ def test_assistant_mismatch_is_an_error_before_generation(checkpoint, tmp_path):
         (llama_like / "config.json").write_text(json.dumps({"model_type": "mtpdraft_mtp"}))
         with pytest.raises(ValueError, match="gemma4_assistant"):
             load_gemma4_assistant(llama_like)
+
+
+def test_assistant_for_a_quantized_target_drafts_with_q8_0_matrices(checkpoint, tmp_path):
+    """As our own drafters: an assistant loaded for a quantized target holds Q8_0 matrices (a
+    dense target's keeps its own), its step stays near the dense one's, it refuses to be saved,
+    and speculative greedy output is still plain greedy's."""
+    from mtpdraft import kernels
+    from mtpdraft.drafters import make_drafter
+
+    _, path = checkpoint
+    a = write_assistant(tmp_path / "a")
+    dense_target = load_model_dir(path, "fp32")
+    assert not make_drafter(str(a), dense_target).drafter.quantized
+    target = load_model_dir(path, "q8_0")
+    assert target.quantized
+    src = make_drafter(str(a), target)
+    q, dense = src.drafter, load_gemma4_assistant(a, target.dtype, target=target)
+    assert q.quantized and isinstance(q.model.layers[0].mlp.down_proj.qweight, kernels.QWeight)
+    assert q.model.layers[1].self_attn.q_proj.weight.numel() == 0
+    prompt = torch.randint(3, V, (12,), generator=torch.Generator().manual_seed(4)).tolist()
+    cache = target.new_cache(1, 64)
+    with torch.inference_mode():
+        hidden = target.prefill(torch.tensor([prompt]), cache).hidden[0, -1]
+        positions = torch.tensor([[len(prompt) - 1]])
+        h = hidden[None].float()
+        got, want = (d.step(target, torch.tensor([7]), h, positions, d.sources(target, cache)) for d in (q, dense))
+    torch.testing.assert_close(got[2], want[2], atol=0.05 * float(want[2].abs().max()), rtol=0)
+    with pytest.raises(ValueError, match="quantized drafter"):
+        q.save(tmp_path / "again")
+    sp = SamplingParams(max_new_tokens=24)
+    plain = list(generate(target, prompt, sp))
+    assert list(generate(target, prompt, sp, drafter=src, spec=SpecParams(draft_len=4))) == plain

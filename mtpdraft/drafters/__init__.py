@@ -95,15 +95,16 @@ def _auto_variant(cfg: dict, source: MTPDraftSource, min_confidence: float, path
 
 def _load_source(path: Path, target: CausalLM, min_confidence: float) -> MTPDraftSource:
     """An MTP drafter directory (ours or an official Gemma 4 assistant), checked against the target;
-    ours with Q8_0 weights where the target's are quantized."""
+    with Q8_0 matrices where the target's weights are quantized."""
     if is_gemma4_assistant(path):  # an official Gemma 4 `-assistant` checkpoint
-        return MTPDraftSource(load_gemma4_assistant(path, target.dtype, target=target), min_confidence)
-    d = MTPDrafter.load(path, dtype=target.dtype)
-    d.check_target(target)
+        d = load_gemma4_assistant(path, target.dtype, target=target)
+    else:
+        d = MTPDrafter.load(path, dtype=target.dtype)
+        d.check_target(target)
     if target.quantized and d.can_quantize():  # drafts at the target's kind of weights: half bf16's bytes a token
         d.quantize()
     return MTPDraftSource(d, min_confidence=min_confidence)
 
 
-__all__ = ["Datastore", "DatastoreDrafter", "Draft", "DraftContext", "Drafter", "MTPConfig", "MTPDrafter", "MTPDraftSource", "NgramDrafter",
-           "draft_len_for", "for_request", "make_drafter", "shipped_drafter_dir"]
+__all__ = ["Datastore", "DatastoreDrafter", "Draft", "DraftContext", "Drafter", "MTPConfig", "MTPDrafter",
+           "MTPDraftSource", "NgramDrafter", "draft_len_for", "for_request", "make_drafter", "shipped_drafter_dir"]

@@ -116,6 +116,7 @@ class Gemma4AssistantDrafter(MTPDrafter):
 
     def save(self, out: str | Path) -> Path:
         """Write the official gemma4_assistant layout (what load_gemma4_assistant reads)."""
+        self._require_dense()
         c = self.config
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

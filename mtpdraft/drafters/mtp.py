@@ -218,9 +218,12 @@ class MTPDrafter(nn.Module):
             p.data = torch.zeros_like(p) if p.ndim == 1 else torch.randn(p.shape, generator=g) * std
         return d
 
-    def save(self, out: str | Path) -> Path:
+    def _require_dense(self) -> None:
         if self.quantized:
             raise ValueError("a quantized drafter keeps no dense weights to save: save it before quantize()")
+
+    def save(self, out: str | Path) -> Path:
+        self._require_dense()
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
