@@ -193,17 +193,21 @@ def test_concurrent_greedy_is_exact(srv, ref):
         len(g) for _, _, g in results)
 
 
-@pytest.mark.parametrize("kind", ["mtp", "ngram"])
+@pytest.mark.parametrize("kind", ["mtp", "ngram", "datastore"])
 def test_batched_adaptive_server_equals_generate(dirs, tmp_path, kind):
-    """Greedy requests batched together with an MTP (or n-gram) drafter and adaptive draft
-    length: each returns what generate() gives with the same drafter and policy, and
-    what plain decoding gives."""
-    from mtpdraft.drafters import MTPConfig, MTPDrafter
+    """Greedy requests batched together with an MTP (or n-gram, or datastore) drafter and
+    adaptive draft length: each returns what generate() gives with the same drafter and
+    policy, and what plain decoding gives."""
+    from mtpdraft.drafters import Datastore, MTPConfig, MTPDrafter
 
     model, tok = load(str(dirs[0]), "fp32")
     spec = kind
     if kind == "mtp":
         spec = str(MTPDrafter.random(MTPConfig.for_target(model), seed=1, std=0.3).save(tmp_path / "mtp"))
+    if kind == "datastore":  # the model's own continuations of the first two prompts
+        outs = [list(generate(model, tok(p).input_ids, SamplingParams(max_new_tokens=40), tokenizer=tok, max_len=CTX))
+                for p in PROMPTS[:2]]
+        spec = str(Datastore.from_sequences(outs, model.vocab_size).save(tmp_path / "store.safetensors"))
     s = Server(dirs[0], drafter=spec, adaptive=True, draft_len=5, max_batch=4)
     try:
         c = s.client()
