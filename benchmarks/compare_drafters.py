@@ -78,6 +78,7 @@ def main() -> None:
     if a.datastore:
         p = Path(a.datastore)
         store = Datastore.from_run(p, model.vocab_size) if p.is_dir() else Datastore.load(p)
+        store.check_target(model)
         print(f"datastore: {store.size} tokens, {store.num_sequences} sequences")
         for spec in (x for x in a.ds.split(",") if x):
             variant, m = spec.split("@")

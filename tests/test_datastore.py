@@ -54,6 +54,36 @@ def test_lookup_matches_reference():
     assert 1000 < found < 3000  # both outcomes were exercised
 
 
+def test_lookup_walks_an_even_spread_of_many_places():
+    """Over MAX_MATCHES places, the walk reads an even spread of them in index order (places
+    sorted by their next three tokens, then by position): the same draft as the reference
+    walking that spread."""
+    from mtpdraft.drafters.datastore import MAX_MATCHES
+
+    rng = random.Random(1)
+    seqs = [[1, 2] + [rng.randrange(3, 7) for _ in range(4)] for _ in range(1200)]
+    store = Datastore.from_sequences(seqs)
+    flat = [int(t) for t in store.tokens[:store.size + 8]]
+    for ctx, n in (([1, 2], 2), ([9, 1], 1), ([1, 2, 3], 3), ([2, 3, 4, 5], 4)):
+        gram = ctx[-n:]
+        places = [p for p in range(store.size - n + 1) if flat[p:p + n] == gram]
+        places.sort(key=lambda p: (flat[p:p + 3], p))
+        m = len(places)
+        assert m > MAX_MATCHES or n == 4
+        take = min(m, MAX_MATCHES)
+        pos = [places[i * m // take] + n for i in range(take)]
+        out = []
+        for j in range(4):
+            nxt = [flat[p + j] for p in pos]
+            c = collections.Counter(nxt)
+            best = min(c, key=lambda t: (-c[t], t))
+            if best == SEP:
+                break
+            out.append(best)
+            pos = [p for p, t in zip(pos, nxt) if t == best]
+        assert store.lookup(ctx, 4) == (out, n), ctx
+
+
 def test_lookup_majority_and_ends():
     store = Datastore.from_sequences([[1, 2, 3, 5, 7]] * 300 + [[1, 2, 4, 6]] * 100 + [[9, 8]])
     assert store.lookup([0, 1, 2], 3) == ([3, 5, 7], 2)  # the most frequent walk over 400 places
@@ -67,12 +97,16 @@ def test_lookup_majority_and_ends():
 
 
 def test_file_roundtrip_and_errors(tmp_path):
-    for top in (50, 70000):  # uint16 and int32 files
-        store = Datastore.from_sequences([[1, 2, top], [top, 4]], vocab_size=top + 1)
+    for top in (50, 65535, 70000):
+        store = Datastore.from_sequences([[1, 2, top], [top, 4]], vocab_size=top + 1, model="m")
         path = store.save(tmp_path / f"ds{top}.safetensors")
         back = Datastore.load(path)
-        assert is_datastore(path) and back.vocab_size == top + 1
+        assert is_datastore(path) and (back.vocab_size, back.model) == (top + 1, "m")
         assert np.array_equal(back.tokens, store.tokens) and back.lookup([1, 2], 2) == ([top], 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"ds{t}.safetensors" for t in (50, 65535, 70000)]
+    with pytest.raises(ValueError, match=r"datastore of a 70001-token vocabulary \(written for m\); tgt has 9"):
+        back.check_target(type("T", (), {"vocab_size": 9, "name": "tgt"})())
+    back.check_target(type("T", (), {"vocab_size": 70001, "name": "tgt"})())
     with pytest.raises(ValueError, match="outside the vocabulary"):
         Datastore.from_sequences([[5, 10]], vocab_size=8)
     with pytest.raises(ValueError, match="token ids must be"):
@@ -97,12 +131,21 @@ def test_file_roundtrip_and_errors(tmp_path):
 def test_from_run_and_texts(tmp_path):
     (tmp_path / "data").mkdir()
     rows = [dict(source="qa-1:greedy", tokens=list(range(20)), prompt_len=12),
-            dict(source="val/qa-2:greedy", tokens=[7] * 9, prompt_len=3)]
-    (tmp_path / "data" / "sequences.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            dict(source="val/qa-2:greedy", tokens=[7] * 9, prompt_len=3),
+            dict(source="file:0", tokens=[8] * 9, prompt_len=1)]
+    seq_file = tmp_path / "data" / "sequences.jsonl"
+    seq_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     store = Datastore.from_run(tmp_path)
-    assert list(store.tokens[:store.size]) == list(range(4, 20)) + [SEP]  # 8 prompt tokens kept, val left out
+    # 8 prompt tokens kept; the validation prompts' sequences and a --data file's text left out
+    assert list(store.tokens[:store.size]) == list(range(4, 20)) + [SEP]
     with pytest.raises(FileNotFoundError, match="no training data"):
         Datastore.from_run(tmp_path / "nothing")
+    seq_file.write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
+    with pytest.raises(ValueError, match="no sequence the target wrote"):
+        Datastore.from_run(tmp_path)
+    seq_file.write_text('{"source": "qa-1:greedy"}\n')
+    with pytest.raises(ValueError, match=r"sequences.jsonl:1: not a training sequence"):
+        Datastore.from_run(tmp_path)
 
     class Tok:
         def __call__(self, text, add_special_tokens=True):

@@ -220,15 +220,18 @@ def test_batched_adaptive_server_equals_generate(dirs, tmp_path, kind):
             results = list(ex.map(one, PROMPTS[:4]))
     finally:
         s.stop()
-    proposed = 0
+    proposed, stored = 0, 0
     for p, ext in results:
         ids, sp = tok(p).input_ids, SamplingParams(max_new_tokens=40)
-        want = list(generate(model, ids, sp, drafter=make_drafter(spec, model), spec=SpecParams(5, adaptive=True),
+        drafter = make_drafter(spec, model)
+        want = list(generate(model, ids, sp, drafter=drafter, spec=SpecParams(5, adaptive=True),
                              tokenizer=tok, max_len=CTX))
         assert ext["token_ids"] == want
         assert want == list(generate(model, ids, sp, tokenizer=tok, max_len=CTX))
         proposed += sum(ext["proposed_by_position"])
+        stored += getattr(drafter, "rounds", {}).get("datastore", 0)
     assert proposed > 0  # the drafter really drafted
+    assert stored > 0 or kind != "datastore"  # and the store proposed, not prompt lookup alone
 
 
 def test_chat_and_streaming(srv, ref):

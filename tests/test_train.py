@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -510,6 +511,7 @@ def test_combined_drafter_is_lossless(tiny, one_thread):
 
 def test_data_only_run_writes_data_and_its_datastore(tiny, tmp_path, one_thread):
     from mtpdraft.cli import main
+    from mtpdraft.drafters.datastore import Datastore
 
     path, model, tok = tiny
     out = tmp_path / "run"
@@ -521,6 +523,11 @@ def test_data_only_run_writes_data_and_its_datastore(tiny, tmp_path, one_thread)
     assert set(json.loads((out / "timings.json").read_text())) == {"data"}
     drafter = make_drafter(str(out / "datastore.safetensors"), model)
     assert drafter.store is not None and drafter.mtp is None
+    # the same store by the CLI, for the run's own model; another model is refused
+    again = tmp_path / "again.safetensors"
+    assert main(["datastore", "--run", str(out), "--out", str(again)]) == 0
+    assert np.array_equal(Datastore.load(again).tokens, drafter.store.store.tokens)
+    assert main(["datastore", "--run", str(out), "--model", "smollm2-135m-instruct", "--out", str(again)]) == 2
 
 
 def test_batched_data_generation_equals_plain_greedy(tiny, one_thread):

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,7 @@ SEP = -1  # between sequences: a continuation ends there
 _BITS = 20  # per packed token: vocabularies up to 2**20 - 1 ids
 _MAX_DRAFT = 32
 _SHARED: dict = {}  # the last store Datastore.shared loaded, and its file's identity
+_SHARED_LOCK = threading.Lock()
 
 
 def _pack(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -50,7 +53,7 @@ def _pack(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
 class Datastore:
     """Token sequences of the target's writing and an index of their 3-token prefixes."""
 
-    def __init__(self, tokens: np.ndarray, vocab_size: int | None = None):
+    def __init__(self, tokens: np.ndarray, vocab_size: int | None = None, model: str | None = None):
         tokens = np.asarray(tokens)
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError("datastore: tokens must be a 1-D integer array")
@@ -59,7 +62,7 @@ class Datastore:
             raise ValueError(f"datastore: token ids must be in [0, {(1 << _BITS) - 2}] (or {SEP} between sequences)")
         if vocab_size is not None and t.size and t.max() >= vocab_size:
             raise ValueError(f"datastore: token id {int(t.max())} is outside the vocabulary of {vocab_size}")
-        self.size, self.vocab_size = int(t.size), vocab_size
+        self.size, self.vocab_size, self.model = int(t.size), vocab_size, model
         # trailing separators: a continuation read past the end stops there
         self.tokens = np.concatenate([t, np.full(_MAX_DRAFT + MAX_NGRAM + 2, SEP, np.int64)])
         n = self.size
@@ -72,19 +75,20 @@ class Datastore:
         self._tokens = torch.from_numpy(self.tokens)
 
     @classmethod
-    def from_sequences(cls, seqs, vocab_size: int | None = None) -> "Datastore":
+    def from_sequences(cls, seqs, vocab_size: int | None = None, model: str | None = None) -> "Datastore":
         """One store of several token sequences (each ends at a separator)."""
         parts = []
         for s in seqs:
             parts += [np.asarray(s, np.int64).reshape(-1), np.array([SEP], np.int64)]
-        return cls(np.concatenate(parts) if parts else np.zeros(0, np.int64), vocab_size)
+        return cls(np.concatenate(parts) if parts else np.zeros(0, np.int64), vocab_size, model)
 
     @classmethod
-    def from_run(cls, run: str | Path, vocab_size: int | None = None, context: int = CONTEXT) -> "Datastore":
+    def from_run(cls, run: str | Path, vocab_size: int | None = None, model: str | None = None,
+                 context: int = CONTEXT) -> "Datastore":
         """The store of a training run's data (RUN/data/sequences.jsonl): every sequence the
-        target wrote for training (the validation prompts' left out), from `context` tokens
-        before its prompt's end."""
-        from ..train.train import VAL
+        target wrote for training, from `context` tokens before its prompt's end (left out: the
+        validation prompts' sequences, and a --data file's text, which the target did not write)."""
+        from ..train.train import FILE_SOURCE, VAL
 
         path = Path(run) / "data" / "sequences.jsonl"
         if not path.is_file():
@@ -94,14 +98,26 @@ class Datastore:
             for n, line in enumerate(f, 1):
                 try:
                     s = json.loads(line)
-                    if not s["source"].startswith(VAL):
+                    if not s["source"].startswith((VAL, FILE_SOURCE)):
                         seqs.append(s["tokens"][max(0, int(s["prompt_len"]) - context):])
                 except (ValueError, KeyError, TypeError) as e:
                     raise ValueError(f"{path}:{n}: not a training sequence ({e})") from e
-        return cls.from_sequences(seqs, vocab_size)
+        if not seqs:
+            raise ValueError(f"{path}: no sequence the target wrote for training")
+        return cls.from_sequences(seqs, vocab_size, model)
+
+    @staticmethod
+    def run_model(run: str | Path) -> str:
+        """The model a training run's target was (RUN/config.json)."""
+        cfg = Path(run) / "config.json"
+        try:
+            return str(json.loads(cfg.read_text())["model"])
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{cfg}: cannot read the run's model ({e})") from e
 
     @classmethod
-    def from_texts(cls, path: str | Path, tokenizer, vocab_size: int | None = None) -> "Datastore":
+    def from_texts(cls, path: str | Path, tokenizer, vocab_size: int | None = None,
+                   model: str | None = None) -> "Datastore":
         """The store of a JSONL file of {"text": ...} lines (texts the model wrote, e.g. your
         service's replies), each tokenized as it stands (no BOS)."""
         seqs = []
@@ -118,7 +134,7 @@ class Datastore:
                 seqs.append(tokenizer(text, add_special_tokens=False).input_ids)
         if not seqs:
             raise ValueError(f"{path}: no texts")
-        return cls.from_sequences(seqs, vocab_size)
+        return cls.from_sequences(seqs, vocab_size, model)
 
     @property
     def num_sequences(self) -> int:
@@ -127,12 +143,13 @@ class Datastore:
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file
 
-        t = self.tokens[:self.size]
-        small = t.size == 0 or t.max() < (1 << 16) - 1  # uint16 where every id fits (65535: the separator)
-        data = torch.from_numpy(np.where(t < 0, (1 << 16) - 1, t).astype(np.uint16) if small else t.astype(np.int32))
+        data = torch.from_numpy(self.tokens[:self.size].astype(np.int32))
         path = Path(path)
-        meta = {"format": FORMAT} | ({"vocab_size": str(self.vocab_size)} if self.vocab_size else {})
-        save_file({"tokens": data}, str(path), metadata=meta)
+        meta = {"format": FORMAT} | ({"vocab_size": str(self.vocab_size)} if self.vocab_size else {}) | \
+            ({"model": self.model} if self.model else {})
+        tmp = path.with_name(path.name + ".tmp")  # whole or not at all: a reader never sees half a file
+        save_file({"tokens": data}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
         return path
 
     @classmethod
@@ -150,14 +167,11 @@ class Datastore:
                 tokens = f.get_tensor("tokens")
         except (OSError, SafetensorError) as e:
             raise ValueError(f"{path}: unreadable datastore: {e}") from e
-        if tokens.dtype not in (torch.uint16, torch.int32) or tokens.dim() != 1:
-            raise ValueError(f"{path}: datastore tokens must be a 1-D uint16 or int32 tensor")
-        t = tokens.numpy().astype(np.int64)
-        if tokens.dtype == torch.uint16:
-            t[t == (1 << 16) - 1] = SEP
-        vocab = meta.get("vocab_size")
+        if tokens.dtype != torch.int32 or tokens.dim() != 1:
+            raise ValueError(f"{path}: datastore tokens must be a 1-D int32 tensor")
         try:
-            return cls(t, int(vocab) if vocab else None)
+            vocab = int(meta["vocab_size"]) if meta.get("vocab_size") else None
+            return cls(tokens.numpy(), vocab, meta.get("model"))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
 
@@ -168,14 +182,16 @@ class Datastore:
         path = Path(path).resolve()
         st = path.stat()
         key = (str(path), st.st_mtime_ns, st.st_size)
-        if _SHARED.get("key") != key:
-            _SHARED.update(key=key, store=cls.load(path))
-        return _SHARED["store"]
+        with _SHARED_LOCK:
+            if _SHARED.get("key") != key:
+                _SHARED.update(key=key, store=cls.load(path))
+            return _SHARED["store"]
 
     def check_target(self, target) -> None:
         """Refuse a store written for another vocabulary (its drafts would be noise)."""
         if self.vocab_size is not None and self.vocab_size != target.vocab_size:
-            raise ValueError(f"datastore of a {self.vocab_size}-token vocabulary; "
+            written = f" (written for {self.model})" if self.model else ""
+            raise ValueError(f"datastore of a {self.vocab_size}-token vocabulary{written}; "
                              f"{getattr(target, 'name', '') or 'the target'} has {target.vocab_size}")
 
     def lookup(self, tokens: list[int], k: int, min_match: int = 1, min_share: float = 0.0) -> tuple[list[int], int]:
@@ -183,8 +199,10 @@ class Datastore:
         tokens) found in the store, and that suffix's length (0: none found). The continuation
         is walked over at most MAX_MATCHES of the suffix's places (an even spread of them in
         index order): at each step the most frequent next token (the smallest id on ties), then
-        only the places that agree with it; it ends where most of them end a sequence, or, after
-        the first token, where fewer than min_share of them agree."""
+        only the places that agree with it. It ends where ending the sequence is the most
+        frequent next "token" (a tie included), or, after the first token (always drafted),
+        where fewer than min_share of the places agree. A suffix found whose places all end
+        there gives ([], n): shorter suffixes are not tried."""
         if k < 1 or not self.size or not tokens:
             return [], 0
         return kernels.ds_lookup(self._keys, self._keys2, self._order, self._tokens, list(tokens[-MAX_NGRAM:]),
@@ -230,9 +248,14 @@ def cmd_datastore(args) -> int:
 
     if (args.run is None) == (args.texts is None):
         raise ValueError("give one of --run RUN or --texts FILE.jsonl")
-    target, tok = load(args.model, "auto")
-    store = (Datastore.from_run(args.run, target.vocab_size) if args.run
-             else Datastore.from_texts(args.texts, tok, target.vocab_size))
+    model = args.model or DEFAULT_MODEL
+    if args.run:  # the run's own target; --model, if given, must be it
+        model = Datastore.run_model(args.run)
+        if args.model and args.model != model:
+            raise ValueError(f"{args.run} was written by {model}, not {args.model}")
+    target, tok = load(model, "auto")
+    store = (Datastore.from_run(args.run, target.vocab_size, model) if args.run
+             else Datastore.from_texts(args.texts, tok, target.vocab_size, model))
     out = store.save(args.out)
     print(f"{out}: {store.size} tokens in {store.num_sequences} sequences ({out.stat().st_size / 2**20:.1f} MiB); "
           f"use it with --drafter {out}")
@@ -242,7 +265,8 @@ def cmd_datastore(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("datastore", help="build a datastore drafter from text the model wrote",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="the target whose tokenizer the store uses")
+    p.add_argument("--model", default=None,
+                   help=f"the target whose tokenizer the store uses (default: the run's, else {DEFAULT_MODEL})")
     p.add_argument("--run", default=None, help="a training run directory (mtpdraft train --out): its target-written data")
     p.add_argument("--texts", default=None, help='a JSONL file of {"text": ...} lines the model wrote')
     p.add_argument("--out", required=True, help="the datastore file to write (.safetensors)")

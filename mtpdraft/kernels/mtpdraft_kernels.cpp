@@ -1408,7 +1408,7 @@ std::tuple<std::vector<int64_t>, int64_t> ds_lookup(const torch::Tensor& keys, c
         }
         a = b;
       }
-      if (best < 0) break;  // most of the places end here
+      if (best < 0) break;  // ending the sequence is the most frequent (a tie included: -1 is the smallest)
       if (j > 0 && static_cast<double>(best_n) < min_share * static_cast<double>(pos.size())) break;  // places disagree
       out.push_back(best);
       size_t w = 0;

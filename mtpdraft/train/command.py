@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--data-budget-s", type=float, default=None, help="stop writing data after this long")
     p.add_argument("--data-only", action="store_true",
-                   help="stop after the data stage and its datastore drafter (RUN/datastore.safetensors)")
+                   help="stop after the data stage and its datastore drafter (RUN/datastore.safetensors); the "
+                        "drafter's features are still recorded as the data is written, so a later run resumes")
     p.add_argument("--data", default=None, metavar="FILE.jsonl",
                    help='also train on your own text ({"text": ...} per line), labelled by the target')
     p.add_argument("--train-budget-s", type=float, default=None, help="size the schedule to this long")

@@ -239,6 +239,7 @@ def drafter_settings(target, cfg: TrainConfig) -> dict:
 # -- stage 1 --------------------------------------------------------------------------------
 VAL = "val/"  # source prefix of the validation prompts' sequences (never trained on)
 DATASTORE = "datastore.safetensors"  # the run's data as a datastore drafter
+FILE_SOURCE = "file:"  # source prefix of a --data file's sequences (text the target did not write)
 RECORDED = "recorded"  # data/RECORDED/*.pt: the features the data stage's decoding recorded
 
 
@@ -287,7 +288,8 @@ def file_sequences(cfg: TrainConfig, tok, first_id: int) -> list[dict]:
             raise ValueError(f'--data {path} line {n}: expected an object with a non-empty "text" string')
         ids = tok(rec["text"]).input_ids[: cfg.data_file_max_tokens]
         if len(ids) >= 2:
-            out.append(dict(id=first_id + len(out), source=f"file:{n}", tokens=ids, prompt_len=1, greedy_from=-1))
+            out.append(dict(id=first_id + len(out), source=f"{FILE_SOURCE}{n}", tokens=ids, prompt_len=1,
+                            greedy_from=-1))
     if not out:
         raise ValueError(f"--data {path}: no text of at least 2 tokens")
     return out
@@ -374,7 +376,7 @@ def stage_data(cfg: TrainConfig, model, tok, train_prompts: list[dict], val_prom
                 total_tokens=sum(len(s["tokens"]) for s in seqs),
                 # what the target wrote (a data file's text is the user's, not the target's)
                 target_tokens=sum(len(s["tokens"]) - s["prompt_len"] for s in seqs
-                                  if not s["source"].startswith("file:")),
+                                  if not s["source"].startswith(FILE_SOURCE)),
                 trainable_positions=sum(len(s["tokens"]) - max(s["prompt_len"], s["greedy_from"]) for s in seqs),
                 gen_batch=cfg.gen_batch, jobs=len(jobs))
     done_flag.write_text(json.dumps(info, indent=2))
@@ -857,12 +859,15 @@ def run(cfg: TrainConfig) -> dict:
     t0 = time.perf_counter()
     layers = sorted(set(source_layers(run_layer_types(cfg), model)))
     seqs = stage_data(cfg, model, tok, train_prompts, val_prompts, layers if cfg.record_features else None)
-    ds_path = out / DATASTORE
-    if not ds_path.exists():  # the target's writing as a datastore drafter (drafters/datastore.py): seconds
-        from ..drafters.datastore import Datastore
+    ds_path, done = out / DATASTORE, out / "data" / "DONE.json"
+    if not ds_path.exists() or (done.exists() and done.stat().st_mtime > ds_path.stat().st_mtime):
+        from ..drafters.datastore import Datastore  # the target's writing as a datastore drafter: seconds
 
-        store = Datastore.from_run(out, model.vocab_size).save(ds_path)
-        _log(f"datastore drafter: {ds_path} ({store.stat().st_size / 2**20:.1f} MiB; --drafter {ds_path})")
+        try:
+            Datastore.from_run(out, model.vocab_size, cfg.model).save(ds_path)
+            _log(f"datastore drafter: {ds_path} ({ds_path.stat().st_size / 2**20:.1f} MiB; --drafter {ds_path})")
+        except ValueError as e:  # no training sequence (a data budget cut them all)
+            _log(f"no datastore drafter: {e}")
     t1 = time.perf_counter()
     if cfg.data_only:
         _add_timings(out, {"data": t1 - t0})
