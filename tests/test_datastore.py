@@ -156,7 +156,7 @@ def test_from_run_and_texts(tmp_path):
     store = Datastore.from_texts(texts, Tok())
     assert store.lookup([ord("a")], 2) == ([ord("b"), ord("c")], 1) and store.num_sequences == 2
     texts.write_text('{"text": "ok"}\n{"prompt": "no text"}\n')
-    with pytest.raises(ValueError, match=r"texts.jsonl:2: expected a JSON object"):
+    with pytest.raises(ValueError, match=r"texts.jsonl line 2: expected an object with a non-empty \"text\""):
         Datastore.from_texts(texts, Tok())
 
 

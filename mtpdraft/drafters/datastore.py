@@ -10,7 +10,7 @@ continuations token by token: the most frequent next token, then only the places
 with it, until they disagree (min_share) or end. Lossless like any drafter: the target
 verifies, and a wrong draft only costs its rows.
 
-The index, built at load (about 0.5 s for 3M tokens): the store's places sorted by their
+The index, built on the first lookup (about 0.5 s for 3M tokens): the store's places sorted by their
 next three tokens (packed into an int64), with the three after those beside them, so a
 suffix of any length up to 6 is one binary search and a contiguous scan (the native
 `kernels.ds_lookup`, tens of microseconds).
@@ -21,6 +21,7 @@ suffix of any length up to 6 is one binary search and a contiguous scan (the nat
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import threading
@@ -65,14 +66,16 @@ class Datastore:
         self.size, self.vocab_size, self.model = int(t.size), vocab_size, model
         # trailing separators: a continuation read past the end stops there
         self.tokens = np.concatenate([t, np.full(_MAX_DRAFT + MAX_NGRAM + 2, SEP, np.int64)])
-        n = self.size
-        t = self.tokens
+
+    @functools.cached_property
+    def index(self) -> tuple[torch.Tensor, ...]:
+        """(keys, keys2, order, tokens) as kernels.ds_lookup reads them, built on first use (a
+        store that is only built and saved never sorts)."""
+        n, t = self.size, self.tokens
         keys = _pack(t[:n], t[1:n + 1], t[2:n + 2])
         order = np.argsort(keys, kind="stable")  # equal prefixes keep the store's order
         keys2 = _pack(t[3:n + 3], t[4:n + 4], t[5:n + 5])[order]  # the next three, beside them
-        self._keys, self._keys2, self._order = torch.from_numpy(keys[order]), torch.from_numpy(keys2), \
-            torch.from_numpy(order)
-        self._tokens = torch.from_numpy(self.tokens)
+        return tuple(torch.from_numpy(a) for a in (keys[order], keys2, order, t))
 
     @classmethod
     def from_sequences(cls, seqs, vocab_size: int | None = None, model: str | None = None) -> "Datastore":
@@ -120,18 +123,9 @@ class Datastore:
                    model: str | None = None) -> "Datastore":
         """The store of a JSONL file of {"text": ...} lines (texts the model wrote, e.g. your
         service's replies), each tokenized as it stands (no BOS)."""
-        seqs = []
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                    if not isinstance(text, str):
-                        raise TypeError("\"text\" is not a string")
-                except (ValueError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{n}: expected a JSON object with a \"text\" string ({e})") from e
-                seqs.append(tokenizer(text, add_special_tokens=False).input_ids)
+        from ..train.data import read_texts
+
+        seqs = [tokenizer(text, add_special_tokens=False).input_ids for _, text in read_texts(path, str(path))]
         if not seqs:
             raise ValueError(f"{path}: no texts")
         return cls.from_sequences(seqs, vocab_size, model)
@@ -184,7 +178,9 @@ class Datastore:
         key = (str(path), st.st_mtime_ns, st.st_size)
         with _SHARED_LOCK:
             if _SHARED.get("key") != key:
-                _SHARED.update(key=key, store=cls.load(path))
+                store = cls.load(path)
+                store.index  # noqa: B018 -- built here, at the server's start, not in its first request
+                _SHARED.update(key=key, store=store)
             return _SHARED["store"]
 
     def check_target(self, target) -> None:
@@ -205,8 +201,8 @@ class Datastore:
         there gives ([], n): shorter suffixes are not tried."""
         if k < 1 or not self.size or not tokens:
             return [], 0
-        return kernels.ds_lookup(self._keys, self._keys2, self._order, self._tokens, list(tokens[-MAX_NGRAM:]),
-                                 min(k, _MAX_DRAFT), min_match, MAX_MATCHES, _BITS, min_share)
+        return kernels.ds_lookup(*self.index, list(tokens[-MAX_NGRAM:]), min(k, _MAX_DRAFT), min_match, MAX_MATCHES,
+                                 _BITS, min_share)
 
 
 class DatastoreDrafter:

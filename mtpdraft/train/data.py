@@ -29,6 +29,23 @@ PROMPTS_FILE = Path(__file__).resolve().parent.parent / "data" / "train_prompts.
 EXTRA_PROMPTS_FILE = PROMPTS_FILE.with_name("train_extra_prompts.jsonl")
 
 
+def read_texts(path: Path, what: str) -> list[tuple[int, str]]:
+    """(line number, text) of each {"text": ...} line of a JSONL file, blank lines skipped;
+    `what` names the file in errors (the --data file, a datastore's texts)."""
+    out = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{what} line {n}: not JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str) or not rec["text"].strip():
+            raise ValueError(f'{what} line {n}: expected an object with a non-empty "text" string')
+        out.append((n, rec["text"]))
+    return out
+
+
 def load_prompts(path: str | Path | None = None) -> list[dict]:
     """The project-written prompt set: one {"id", "category", "prompt"} object per line."""
     path = Path(path) if path else PROMPTS_FILE

@@ -53,7 +53,8 @@ import torch
 
 from ..config import DEFAULT_DRAFT_LEN
 from ..drafters.combined import FALLBACK_MIN_MATCH
-from .data import Job, encode_prompt, generate_batch, load_prompts, split_sets, training_only, uses_chat
+from .data import (Job, encode_prompt, generate_batch, load_prompts, read_texts, split_sets, training_only,
+                   uses_chat)
 from .evaluate import LEN_TAG, at_draft_lens, evaluate
 from .features import Features, compute_features, recorded_features
 from .model import cluster_of, cluster_recalled, head_loss, inference_correct, new_drafter, source_layers, unrolled
@@ -277,16 +278,8 @@ def file_sequences(cfg: TrainConfig, tok, first_id: int) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"--data {path}: no such file")
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--data {path} line {n}: not JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str) or not rec["text"].strip():
-            raise ValueError(f'--data {path} line {n}: expected an object with a non-empty "text" string')
-        ids = tok(rec["text"]).input_ids[: cfg.data_file_max_tokens]
+    for n, text in read_texts(path, f"--data {path}"):
+        ids = tok(text).input_ids[: cfg.data_file_max_tokens]
         if len(ids) >= 2:
             out.append(dict(id=first_id + len(out), source=f"{FILE_SOURCE}{n}", tokens=ids, prompt_len=1,
                             greedy_from=-1))
