@@ -157,7 +157,7 @@ def test_speculative_flag_says_whether_the_request_drafted(srv, dirs, monkeypatc
     r = c.completions.create(model="tiny-chat", prompt=PROMPTS[1], max_tokens=20, temperature=0,
                              extra_body={"speculative": False})
     assert r.model_extra["mtpdraft"]["speculative"] is False
-    monkeypatch.setattr(E, "make_drafter", lambda *a, **kw: ByTemperature(NgramDrafter(), None))
+    monkeypatch.setattr(E, "drafter_factory", lambda *a, **kw: lambda: ByTemperature(NgramDrafter(), None))
     s = Server(dirs[1], max_batch=2)
     try:
         c = s.client()
@@ -194,10 +194,10 @@ def test_concurrent_greedy_is_exact(srv, ref):
 
 
 @pytest.mark.parametrize("kind", ["mtp", "ngram", "datastore"])
-def test_batched_adaptive_server_equals_generate(dirs, tmp_path, kind):
+def test_batched_adaptive_server_equals_generate(dirs, tmp_path, kind, monkeypatch):
     """Greedy requests batched together with an MTP (or n-gram, or datastore) drafter and
     adaptive draft length: each returns what generate() gives with the same drafter and
-    policy, and what plain decoding gives."""
+    policy, and what plain decoding gives. The drafter's weights load once, at startup."""
     from mtpdraft.drafters import Datastore, MTPConfig, MTPDrafter
 
     model, tok = load(str(dirs[0]), "fp32")
@@ -208,6 +208,10 @@ def test_batched_adaptive_server_equals_generate(dirs, tmp_path, kind):
         outs = [list(generate(model, tok(p).input_ids, SamplingParams(max_new_tokens=40), tokenizer=tok, max_len=CTX))
                 for p in PROMPTS[:2]]
         spec = str(Datastore.from_sequences(outs, model.vocab_size).save(tmp_path / "store.safetensors"))
+    loads = []
+    load_drafter = MTPDrafter.load.__func__
+    monkeypatch.setattr(MTPDrafter, "load",
+                        classmethod(lambda cls, *a, **kw: loads.append(a) or load_drafter(cls, *a, **kw)))
     s = Server(dirs[0], drafter=spec, adaptive=True, draft_len=5, max_batch=4)
     try:
         c = s.client()
@@ -220,6 +224,7 @@ def test_batched_adaptive_server_equals_generate(dirs, tmp_path, kind):
             results = list(ex.map(one, PROMPTS[:4]))
     finally:
         s.stop()
+    assert len(loads) == (kind == "mtp")  # not once a request
     proposed, stored = 0, 0
     for p, ext in results:
         ids, sp = tok(p).input_ids, SamplingParams(max_new_tokens=40)

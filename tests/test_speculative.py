@@ -395,3 +395,45 @@ def test_make_drafter_specs(tiny_dirs, tmp_path):
     assert isinstance(alone, MTPDraftSource) and alone.min_confidence == 0.4  # MTP alone, when it measured fastest
     with pytest.raises(ValueError, match="unknown drafter"):
         make_drafter(str(tmp_path / "missing"), model)
+
+
+def test_drafter_factory_loads_once_and_gives_each_sequence_its_own_state(tiny_dirs, tmp_path):
+    """The server's drafters: one load of the weights, a fresh drafter per request; drafters
+    used in turn on two sequences give what each gives alone (and plain decoding)."""
+    import mtpdraft.drafters as drafters
+    from mtpdraft.drafters import drafter_factory
+
+    model, tok = model_and_tok(tiny_dirs, "gemma3_text")
+    random_mtp(model, 0, True).drafter.save(tmp_path / "d")
+    with pytest.raises(ValueError, match="unknown drafter"):
+        drafter_factory(str(tmp_path / "missing"), model)
+    assert drafter_factory("none", model)() is None
+    old = drafters.SHIPPED_DIR
+    try:
+        drafters.SHIPPED_DIR = tmp_path
+        (tmp_path / "d" / "auto.json").write_text('{"drafter": "eagle"}')
+        with pytest.raises(ValueError, match="unknown drafter 'eagle'"):  # at resolve time, not per request
+            drafter_factory("auto", model, "d")
+        (tmp_path / "d" / "auto.json").write_text('{"min_match": 1, "sampled": {"drafter": "mtp"}}')
+        new = drafter_factory("auto", model, "d")
+    finally:
+        drafters.SHIPPED_DIR = old
+    a, b = new(), new()
+    assert a is not b and a.greedy.ngram is not b.greedy.ngram  # per-sequence n-gram indexes
+    assert a.greedy.mtp.drafter is b.greedy.mtp.drafter is a.sampled.drafter  # one copy of the weights
+    path = drafter_factory(str(tmp_path / "d"), model)
+    assert path().drafter is path().drafter
+    sp = SamplingParams(max_new_tokens=24)
+    prompts = [list(range(5, 30)), [7, 8, 9, 10] * 6]
+    plain = [run(model, tok, p, sp)[0] for p in prompts]
+    # two generations stepped in turn (as the server's rows are), each with its own drafter
+    gens = [generate(model, p, sp, drafter=d, spec=SpecParams(4), tokenizer=tok) for p, d in zip(prompts, (a, b))]
+    outs, live = [[], []], [0, 1]
+    while live:
+        for i in list(live):
+            try:
+                outs[i].append(next(gens[i]))
+            except StopIteration:
+                live.remove(i)
+    assert outs == plain
+    assert a.greedy.rounds["mtp"] + b.greedy.rounds["mtp"] > 0 and b.greedy.rounds["ngram"] > 0

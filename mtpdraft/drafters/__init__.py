@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from .. import kernels
 from ..models.base import CausalLM
@@ -32,40 +33,57 @@ def make_drafter(spec: str, target: CausalLM, model_name: str = "", min_confiden
     shipped drafter, prompt lookup alone (free to run, lossless, a speedup on most text).
     A datastore file (`mtpdraft datastore`): prompt lookup on any match, else the store.
     """
+    return drafter_factory(spec, target, model_name, min_confidence)()
+
+
+def drafter_factory(spec: str, target: CausalLM, model_name: str = "",
+                    min_confidence: float = 0.0) -> Callable[[], Drafter | None]:
+    """make_drafter in two halves: this call resolves `spec` and loads what is heavy and
+    read-only (an MTP drafter's weights, its quantized and cluster-ordered tables, its native
+    step; a datastore and its index) once; each call of the result builds a fresh drafter on
+    them, with its own per-sequence state (the n-gram index, round counts): a server's drafter
+    per request at the cost of a few small objects, not a checkpoint load. Bad specs fail here."""
     if spec == "none":
-        return None
+        return lambda: None
     # a drafter's outputs are only lossless with the batch-invariant kernels: no silent fallback
     kernels.require_native(f"--drafter {spec}")
     if spec == "ngram":
-        return NgramDrafter()
+        return NgramDrafter
     if spec == "auto":
         path = shipped_drafter_dir(model_name)
         if path is None:
-            return NgramDrafter()
+            return NgramDrafter
         # the combination and confidence gate chosen when the drafter was shipped; "sampled":
         # the one chosen for temperature > 0, if it differs
         auto = json.loads((path / "auto.json").read_text()) if (path / "auto.json").is_file() else {}
         source = _load_source(path, target, 0.0)
-        greedy = _auto_variant(auto, source, min_confidence, path)
         greedy_len = _draft_len(auto, path, "draft_len")  # the draft length the variant was chosen with
-        if "sampled" not in auto and greedy_len is None:
-            return greedy
         samp = auto.get("sampled")
         if samp is not None and not isinstance(samp, dict):
             raise ValueError(f"{path / 'auto.json'}: \"sampled\" must be an object, got {samp!r}")
-        sampled = _auto_variant(samp, source, min_confidence, path) if samp else greedy
-        if greedy is None and sampled is None:
-            return None
-        return ByTemperature(greedy, sampled, greedy_len=greedy_len,
-                             sampled_len=_draft_len(samp, path, "sampled.draft_len") if samp else greedy_len)
+        sampled_len = _draft_len(samp, path, "sampled.draft_len") if samp else greedy_len
+        variant = lambda cfg: _auto_variant(cfg, source, min_confidence, path)  # noqa: E731
+
+        def auto_drafter() -> Drafter | None:
+            greedy = variant(auto)
+            if samp is None and greedy_len is None:
+                return greedy
+            sampled = variant(samp) if samp else greedy
+            if greedy is None and sampled is None:
+                return None
+            return ByTemperature(greedy, sampled, greedy_len=greedy_len, sampled_len=sampled_len)
+
+        auto_drafter()  # validates auto.json's variants now
+        return auto_drafter
     path = Path(spec)
     if path.is_file() and is_datastore(path):
         store = Datastore.shared(path)
         store.check_target(target)
-        return CombinedDrafter(None, min_match=1, store=DatastoreDrafter(store))
+        return lambda: CombinedDrafter(None, min_match=1, store=DatastoreDrafter(store))
     if not path.is_dir():
         raise ValueError(f"unknown drafter {spec!r}: use none, auto, ngram, a drafter directory or a datastore file")
-    return _load_source(path, target, min_confidence)
+    source = _load_source(path, target, min_confidence)
+    return lambda: MTPDraftSource(source.drafter, source.min_confidence)
 
 
 def _draft_len(cfg: dict, path: Path, name: str) -> int | None:
@@ -107,4 +125,5 @@ def _load_source(path: Path, target: CausalLM, min_confidence: float) -> MTPDraf
 
 
 __all__ = ["Datastore", "DatastoreDrafter", "Draft", "DraftContext", "Drafter", "MTPConfig", "MTPDrafter",
-           "MTPDraftSource", "NgramDrafter", "draft_len_for", "for_request", "make_drafter", "shipped_drafter_dir"]
+           "MTPDraftSource", "NgramDrafter", "draft_len_for", "drafter_factory", "for_request", "make_drafter",
+           "shipped_drafter_dir"]

@@ -17,6 +17,9 @@ import statistics
 import threading
 import time
 
+from ..cliargs import add_model_args
+from ..config import SERVE_DRAFT_LEN, SERVE_MAX_BATCH
+
 PROMPTS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n"
     "def factorial(n):\n",
@@ -36,7 +39,7 @@ def start_server(args):
     from . import build_app
 
     app, engine = build_app(args.model, drafter=args.drafter, dtype=args.dtype, max_batch=args.max_batch,
-                            max_context=args.max_context, draft_len=args.draft_len,
+                            max_context=args.max_context, draft_len=args.draft_len, adaptive=args.adaptive,
                             spec_off_batch=args.spec_off_batch)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -88,12 +91,10 @@ async def run_level(url, model, conc, n_req, max_tokens, spec):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=None, help="benchmark a running server instead of starting one")
-    ap.add_argument("--model", default="gemma-3-270m")
-    ap.add_argument("--drafter", default="ngram")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    ap.add_argument("--max-batch", type=int, default=8)
+    # the server's own model, weights and draft-length defaults (drafter: ngram unless asked)
+    add_model_args(ap, drafter="ngram", draft_len=SERVE_DRAFT_LEN)
+    ap.add_argument("--max-batch", type=int, default=SERVE_MAX_BATCH)
     ap.add_argument("--max-context", type=int, default=1024)
-    ap.add_argument("--draft-len", type=int, default=4)
     ap.add_argument("--spec-off-batch", type=int, default=0)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--requests", type=int, default=2, help="requests per client")

@@ -35,7 +35,7 @@ from ..config import (SERVE_DRAFT_LEN, SERVE_MAX_BATCH, SERVE_MAX_CONTEXT, SERVE
 from ..decoding.engine import eos_ids_of
 from ..decoding.step import Batch, Logprob, Row
 from ..decoding.stops import StopChecker
-from ..drafters import make_drafter
+from ..drafters import drafter_factory
 from ..layers import INVARIANT_MAX_ROWS
 from .metrics import Metrics
 
@@ -94,7 +94,8 @@ class BatchEngine:
         SpecParams(draft_len=draft_len)  # validates
         self.model, self.tok = model, tokenizer
         self.drafter_spec = drafter
-        make_drafter(drafter, model, model.name)  # fail at startup, not per request
+        # resolved and loaded once (a bad spec fails at startup); each request gets a fresh drafter on it
+        self.new_drafter = drafter_factory(drafter, model, model.name)
         self.max_batch, self.max_context = max_batch, max_context
         self.draft_len, self.adaptive = draft_len, adaptive
         self.max_queue = max_queue
@@ -233,7 +234,7 @@ class BatchEngine:
     def _admit(self, r: GenRequest) -> None:
         """Prefill r alone on the next free row; emit its first token."""
         r.stopper = StopChecker(r.sp, self.eos, self.tok)
-        drafter = make_drafter(self.drafter_spec, self.model, self.model.name) if r.speculative else None
+        drafter = self.new_drafter() if r.speculative else None
         row = Row(r.prompt_ids, r.sp, r.stopper, self.max_context, drafter, r.draft_len or self.draft_len,
                   self.adaptive, r.logprobs, r.prompt_logprobs, stats=r.stats)
         first = self.batch.admit(row)
