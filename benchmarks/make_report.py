@@ -92,9 +92,9 @@ def main():
                      f"| adaptive | {adapt['speedup']:.2f}x | {adapt['speculative']['mean_accepted_tokens']:.2f} |\n"))
 
     if not args.skip_serve:
-        cmd, out = run([py, "-m", "mtpdraft.serve.bench", "--model", "gemma-3-270m", "--drafter", "ngram",
-                        "--concurrency", "1", "4", "8", "--requests", "2", "--max-tokens", "64"])
-        sections.append(("Server: aggregate throughput and latency at 1, 4, 8 concurrent clients (drafting forced on at every batch size with `--spec-off-batch 0`, to show where it stops paying; `mtpdraft serve` turns drafting off at 4+ rows by default)", cmd,
+        cmd, out = run([py, "-m", "mtpdraft.serve.bench", "--model", "gemma-3-270m", "--drafter", "auto",
+                        "--concurrency", "1", "4", "8", "--requests", "3", "--max-tokens", "64"])
+        sections.append(("Server: aggregate throughput and latency at 1, 4, 8 concurrent clients (default weights, `--drafter auto`, the server's draft length 4; drafting forced on at every batch size with `--spec-off-batch 0`, to show where it stops paying; `mtpdraft serve` turns drafting off at 4+ rows by default)", cmd,
                          "```\n" + out.strip() + "\n```"))
 
     import torch

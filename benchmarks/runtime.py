@@ -84,7 +84,7 @@ def main():
     res["bandwidth_GBps"] = round(bw, 1)
     res["weight_MB"] = round(wb / 1e6, 1)
     res["weight_read_bound_ms"] = round(wb / bw / 1e6, 2)
-    fw = {n: [] for n in (1, 2, 4, 5, 7, 8, 16)}
+    fw = {n: [] for n in (1, 2, 4, 5, 7, 8, 9, 11, 16)}  # k+1 positions verify a draft of k
     for _ in range(3):  # interleaved rounds, median of the rounds' medians
         for n in fw:
             fw[n].append(decode_step_ms(model, n, reps=10))
