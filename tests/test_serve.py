@@ -803,3 +803,39 @@ def test_a_failing_row_fails_alone(slow_srv, ref, monkeypatch):
             assert r.status_code == 200
             assert r.json()["mtpdraft"]["token_ids"] == ref(ref.tok(p).input_ids, 60, ignore_eos=True)
     assert httpx.get(s.url + "/health").json()["status"] == "ok"
+
+
+def test_the_engine_thread_loads_and_runs_the_model(dirs, monkeypatch, tmp_path):
+    """build_app loads the model on the engine's own thread (one OpenMP pool: BatchEngine.launch),
+    runs the drafter's setup there too, and raises a load or settings error to its caller."""
+    import mtpdraft
+    import mtpdraft.serve.engine as E
+
+    threads = {}
+    real_load, real_factory = mtpdraft.load, E.drafter_factory
+
+    def load(*a, **kw):
+        threads["load"] = threading.current_thread()
+        return real_load(*a, **kw)
+
+    def factory(*a, **kw):
+        threads["drafter"] = threading.current_thread()
+        return real_factory(*a, **kw)
+
+    monkeypatch.setattr(mtpdraft, "load", load)
+    monkeypatch.setattr(E, "drafter_factory", factory)
+    s = Server(dirs[0], max_batch=2)
+    try:
+        r = s.client().completions.create(model="tiny-gemma", prompt=PROMPTS[0], max_tokens=8, temperature=0)
+        assert r.usage.completion_tokens == 8
+        assert threads["load"] is threads["drafter"] is s.engine._thread is not threading.current_thread()
+        assert s.engine.alive
+    finally:
+        s.stop()
+    assert not s.engine.alive
+    from mtpdraft.serve import build_app
+
+    with pytest.raises(ValueError, match="max_context"):
+        build_app(str(dirs[0]), dtype="fp32", max_context=10**9)
+    with pytest.raises(ValueError, match="unknown drafter"):
+        build_app(str(dirs[0]), dtype="fp32", max_context=256, drafter=str(tmp_path / "missing"))

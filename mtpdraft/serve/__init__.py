@@ -16,10 +16,12 @@ def build_app(model: str, *, drafter: str = "auto", dtype: str = DEFAULT_WEIGHTS
     from .. import load
     from .app import create_app
 
-    lm, tok = load(model, dtype)
-    engine = BatchEngine(lm, tok, drafter=drafter, max_batch=max_batch, max_context=max_context,
-                         draft_len=draft_len, adaptive=adaptive, max_queue=max_queue, spec_off_batch=spec_off_batch)
-    return create_app(engine, lm.name, default_max_tokens=default_max_tokens,
+    # the engine's thread loads the model and does all of its work (BatchEngine.launch: one
+    # OpenMP pool; the server's other threads never run torch)
+    engine = BatchEngine.launch(lambda: load(model, dtype), drafter=drafter, max_batch=max_batch,
+                                max_context=max_context, draft_len=draft_len, adaptive=adaptive, max_queue=max_queue,
+                                spec_off_batch=spec_off_batch)
+    return create_app(engine, engine.model.name, default_max_tokens=default_max_tokens,
                       shutdown_timeout=shutdown_timeout), engine
 
 
