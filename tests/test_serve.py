@@ -822,16 +822,26 @@ def test_the_engine_thread_loads_and_runs_the_model(dirs, monkeypatch, tmp_path)
         threads["drafter"] = threading.current_thread()
         return real_factory(*a, **kw)
 
+    def step(self, *a, **kw):
+        threads.setdefault("steps", set()).add(threading.current_thread())
+        return real_step(self, *a, **kw)
+
+    real_step = E.Batch.step
     monkeypatch.setattr(mtpdraft, "load", load)
     monkeypatch.setattr(E, "drafter_factory", factory)
+    monkeypatch.setattr(E.Batch, "step", step)
     s = Server(dirs[0], max_batch=2)
     try:
         r = s.client().completions.create(model="tiny-gemma", prompt=PROMPTS[0], max_tokens=8, temperature=0)
         assert r.usage.completion_tokens == 8
         assert threads["load"] is threads["drafter"] is s.engine._thread is not threading.current_thread()
+        assert threads["steps"] == {s.engine._thread}  # every decoding step on that thread too
         assert s.engine.alive
     finally:
         s.stop()
+    assert not s.engine.alive
+    with pytest.raises(RuntimeError, match="has stopped"):  # a stopped engine says so instead of half-starting
+        s.engine.start()
     assert not s.engine.alive
     from mtpdraft.serve import build_app
 

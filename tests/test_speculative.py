@@ -426,8 +426,13 @@ def test_drafter_factory_loads_once_and_gives_each_sequence_its_own_state(tiny_d
     sp = SamplingParams(max_new_tokens=24)
     prompts = [list(range(5, 30)), [7, 8, 9, 10] * 6]
     plain = [run(model, tok, p, sp)[0] for p in prompts]
-    # two generations stepped in turn (as the server's rows are), each with its own drafter
-    gens = [generate(model, p, sp, drafter=d, spec=SpecParams(4), tokenizer=tok) for p, d in zip(prompts, (a, b))]
+    solo = [new(), new()]
+    alone = [run(model, tok, p, sp, d) for p, d in zip(prompts, solo)]  # each sequence alone, its own drafter
+    # the two stepped in turn (as the server's rows are), a and b: the same drafts, acceptance
+    # and per-drafter round counts as alone (one shared drafter would count both sequences)
+    stats = [Stats(), Stats()]
+    gens = [generate(model, p, sp, drafter=d, spec=SpecParams(4), tokenizer=tok, stats=st)
+            for p, d, st in zip(prompts, (a, b), stats)]
     outs, live = [[], []], [0, 1]
     while live:
         for i in list(live):
@@ -435,5 +440,9 @@ def test_drafter_factory_loads_once_and_gives_each_sequence_its_own_state(tiny_d
                 outs[i].append(next(gens[i]))
             except StopIteration:
                 live.remove(i)
-    assert outs == plain
+    assert outs == plain == [o for o, _ in alone]
+    for st, (_, st_alone) in zip(stats, alone):
+        assert (st.cycles, st.proposed_by_pos, st.accepted_by_pos) == \
+            (st_alone.cycles, st_alone.proposed_by_pos, st_alone.accepted_by_pos)
+    assert [a.greedy.rounds, b.greedy.rounds] == [d.greedy.rounds for d in solo]
     assert a.greedy.rounds["mtp"] + b.greedy.rounds["mtp"] > 0 and b.greedy.rounds["ngram"] > 0

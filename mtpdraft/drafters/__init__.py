@@ -121,6 +121,7 @@ def _load_source(path: Path, target: CausalLM, min_confidence: float) -> MTPDraf
         d.check_target(target)
     if target.quantized and d.can_quantize():  # drafts at the target's kind of weights: half bf16's bytes a token
         d.quantize()
+    d.native_step(target)  # built now (the cluster-ordered table with it), not on the first draft
     return MTPDraftSource(d, min_confidence=min_confidence)
 
 

@@ -171,8 +171,9 @@ class Datastore:
 
     @classmethod
     def shared(cls, path: str | Path) -> "Datastore":
-        """load(path), kept while the file is unchanged: the server makes a drafter per request,
-        and they share one store (read-only) instead of each reading and indexing the file."""
+        """load(path), kept while the file is unchanged: every drafter on one file shares one
+        store (read-only) instead of each reading and indexing it. (The server resolves its
+        --drafter once at startup, drafter_factory: a file replaced while it runs is not reread.)"""
         path = Path(path).resolve()
         st = path.stat()
         key = (str(path), st.st_mtime_ns, st.st_size)

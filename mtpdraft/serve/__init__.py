@@ -12,7 +12,8 @@ def build_app(model: str, *, drafter: str = "auto", dtype: str = DEFAULT_WEIGHTS
               max_context: int = SERVE_MAX_CONTEXT, draft_len: int = SERVE_DRAFT_LEN, adaptive: bool = False,
               max_queue: int = SERVE_MAX_QUEUE, spec_off_batch: int = SERVE_SPEC_OFF_BATCH,
               default_max_tokens: int = SERVE_DEFAULT_MAX_TOKENS, shutdown_timeout: float = SERVE_SHUTDOWN_TIMEOUT_S):
-    """Load the model and return (FastAPI app, engine); the app's lifespan starts and stops the engine."""
+    """Load the model and return (FastAPI app, engine). The engine runs from here on, on its own
+    thread (the one that loaded the model); the app's lifespan stops it at shutdown."""
     from .. import load
     from .app import create_app
 

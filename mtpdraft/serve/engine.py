@@ -122,21 +122,28 @@ class BatchEngine:
         spinning between parallel regions (it throttles when its threads outnumber the
         CPUs). Measured on 2 cores: a SmolLM2 decode step took 2.75 ms on the thread that
         loaded the model and 8.7 ms on a second thread; 2.45 ms loaded and run on one.
-        Errors while loading or building are raised here."""
+        Errors while loading or building are raised here; an engine whose caller stopped
+        waiting (Ctrl-C while loading) never runs."""
         ready: queue.Queue = queue.Queue()
+        abandoned = threading.Event()
 
         def run() -> None:
             try:
                 engine = cls(*load(), **kw)
-                engine._thread, engine.alive = threading.current_thread(), True
+                engine._thread, engine.alive = threading.current_thread(), not abandoned.is_set()
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 ready.put(e)
                 return
             ready.put(engine)
-            engine._run()
+            if engine.alive:
+                engine._run()
 
         threading.Thread(target=run, name="mtpdraft-engine", daemon=True).start()
-        out = ready.get()
+        try:
+            out = ready.get()
+        except BaseException:
+            abandoned.set()
+            raise
         if isinstance(out, BaseException):
             raise out
         return out
@@ -144,9 +151,12 @@ class BatchEngine:
     # -- client side (any thread) ------------------------------------------------------
     def start(self) -> "BatchEngine":
         """Start the worker thread (an engine from launch() runs already)."""
-        if not self.alive:
-            self.alive = True
-            self._thread.start()
+        if self.alive:
+            return self
+        if self._thread.ident is not None:  # a thread runs once
+            raise RuntimeError("this engine has stopped; build a new one (build_app / BatchEngine.launch)")
+        self.alive = True
+        self._thread.start()
         return self
 
     def submit(self, *reqs: GenRequest) -> None:
