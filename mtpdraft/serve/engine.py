@@ -94,7 +94,6 @@ class BatchEngine:
             raise ValueError(f"max_context must be in 2..{limit} for this model")
         SpecParams(draft_len=draft_len)  # validates
         self.model, self.tok = model, tokenizer
-        self.drafter_spec = drafter
         # resolved and loaded once (a bad spec fails at startup); each request gets a fresh drafter on it
         self.new_drafter = drafter_factory(drafter, model, model.name)
         self.max_batch, self.max_context = max_batch, max_context
